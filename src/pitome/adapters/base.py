@@ -1,0 +1,92 @@
+"""What every model adapter provides, and the class-swapping helpers they share.
+
+An adapter knows where a model family keeps its blocks, keys and protected tokens, and how it pools.
+It swaps a module's class for a subclass that adds the merge step (no weights are copied); ``unpatch``
+swaps the original class back. Adapters never contain a merging algorithm.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Optional
+
+from torch import nn
+
+from ..config import MergeSettings
+from ..step import ForwardState, RootKey, current_state
+
+__all__ = ["Adapter", "UnsupportedModelError", "swap_class", "restore_class", "is_swapped", "root_state",
+           "remove_hooks", "ATTRS"]
+
+ATTRS = ("_pitome_key", "_pitome_layer", "_pitome_settings", "_pitome_adapter", "_pitome_last")
+
+
+class UnsupportedModelError(TypeError):
+    """The model (or one of its parts) is not something an adapter knows how to patch."""
+
+
+class Adapter:
+    name: ClassVar[str] = ""
+    supports: ClassVar[str] = ""
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def num_layers(self, model: nn.Module) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def num_protected(self, model: nn.Module) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def patch(self, model: nn.Module, settings: MergeSettings) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def unpatch(self, model: nn.Module) -> None:
+        for module in model.modules():
+            remove_hooks(module)
+            restore_class(module)
+            for attr in ATTRS:
+                module.__dict__.pop(attr, None)
+
+
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def swap_class(module: nn.Module, mixin: type) -> None:
+    """Give ``module`` the class ``mixin + its class`` (cached, so repeated patches reuse the class)."""
+    original = module.__class__
+    if is_swapped(module):
+        raise RuntimeError(f"{original.__name__} is already patched")
+    key = (mixin, original)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"PiToMe{original.__name__}", (mixin, original),
+                                {"_pitome_original_class": original, "__module__": original.__module__})
+    module.__class__ = _SUBCLASSES[key]
+
+
+def is_swapped(module: nn.Module) -> bool:
+    return "_pitome_original_class" in type(module).__dict__
+
+
+def restore_class(module: nn.Module) -> None:
+    if is_swapped(module):
+        module.__class__ = type(module).__dict__["_pitome_original_class"]
+
+
+def root_state(module: nn.Module) -> Optional[ForwardState]:
+    """The running forward's state of the patched model this module belongs to (None outside one)."""
+    key: Optional[RootKey] = module.__dict__.get("_pitome_key")
+    return current_state(key) if key is not None else None
+
+
+def remove_hooks(module: nn.Module) -> None:
+    """Remove pitome's forward hooks (found by marker, so it also works on deep copies)."""
+    for hooks in (module._forward_hooks, module._forward_pre_hooks):
+        for hook_id, fn in list(hooks.items()):
+            if getattr(fn, "_pitome_hook", False):
+                del hooks[hook_id]
+
+
+def pitome_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn._pitome_hook = True  # type: ignore[attr-defined]
+    return fn

@@ -1,0 +1,205 @@
+"""PiToMe: energy-ranked token merging that protects isolated tokens (Tran et al., NeurIPS 2024).
+
+One step (spec §1.1-1.3): cosine similarities S of the mergeable tokens; an energy per token that is high
+for tokens inside large clusters of similar tokens; the 2r highest-energy tokens are candidates and are
+split into A and B; each A token merges into its most similar B token; the others are protected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..plan import MergePlan, build_plan
+from .base import MergeAlgorithm, MergeRequest, sorted_desc, unit_rows
+
+__all__ = ["PiToMe", "PiToMeText", "PiToMeBSM", "energy_scores", "inverse_permutation"]
+
+ENERGIES = ("elu", "paper", "gaussian")
+SPLITS = ("alternate", "top_next")
+MATCHINGS = ("protect", "bsm")
+
+
+def inverse_permutation(perm: Tensor) -> Tensor:
+    """rank[b, perm[b, k]] = k."""
+    rank = torch.empty_like(perm)
+    rank.scatter_(1, perm, torch.arange(perm.shape[1], device=perm.device).expand_as(perm))
+    return rank
+
+
+def energy_scores(
+    sim: Tensor, margin: float, kind: str = "elu", alpha: float = 1.0, valid: Optional[Tensor] = None
+) -> Tensor:
+    """Mean over neighbours j of f(S_ij); padding columns (valid False) are left out of the mean.
+
+    elu:      ELU_alpha(S - m), the official code's energy.
+    paper:    Eq. (4): S if S >= m else alpha * (exp(S - m) - 1).
+    gaussian: exp(-((1 - S) / sigma)^2 / 2) with sigma = 1 - m (official text variant; the constant
+              factor 1 / (sigma sqrt(2 pi)) is dropped since it does not change the ranking).
+    """
+    if kind == "elu":
+        f = F.elu(sim - margin, alpha=alpha)
+    elif kind == "paper":
+        f = torch.where(sim >= margin, sim, alpha * torch.expm1(sim - margin))
+    elif kind == "gaussian":
+        sigma = 1.0 - margin
+        f = torch.exp(-0.5 * ((1.0 - sim) / sigma) ** 2)
+    else:
+        raise ValueError(f"energy must be one of {ENERGIES}, got {kind!r}")
+    if valid is None:
+        return f.mean(dim=-1)
+    w = valid.to(f.dtype)
+    return (f * w.unsqueeze(1)).sum(dim=-1) / w.sum(dim=-1, keepdim=True).clamp_min(1.0)
+
+
+@dataclass
+class PiToMe(MergeAlgorithm):
+    """Options.
+
+    margin:       m0 of the per-layer margin m_l = m0 - margin_decay * l / L.
+    margin_decay: slope of that schedule; None means equal to ``margin`` (linear down to 0, as the paper).
+    alpha:        ELU / Eq. (4) negative-side scale.
+    energy:       'elu' (official code), 'paper' (Eq. 4) or 'gaussian' (official text variant).
+    split:        'alternate' (A = ranks 1,3,5.. of the 2r candidates) or 'top_next' (A = top r, B = next r).
+    matching:     'protect' (full PiToMe: only the 2r highest-energy tokens take part) or 'bsm'
+                  (energy-ordered bipartite soft matching over all tokens, no protection; spec §1.3a).
+    """
+
+    name: ClassVar[str] = "pitome"
+    summary: ClassVar[str] = "PiToMe: energy score protects isolated tokens, merges inside clusters"
+
+    margin: float = 0.9
+    margin_decay: Optional[float] = None
+    alpha: float = 1.0
+    energy: str = "elu"
+    split: str = "alternate"
+    matching: str = "protect"
+
+    def __post_init__(self) -> None:
+        if self.energy not in ENERGIES:
+            raise ValueError(f"energy must be one of {ENERGIES}, got {self.energy!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.matching not in MATCHINGS:
+            raise ValueError(f"matching must be one of {MATCHINGS}, got {self.matching!r}")
+        for key in ("margin", "alpha"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{key} must be a finite number, got {value!r}")
+        if not -1.0 <= self.margin < 1.0:
+            raise ValueError(f"margin must be in [-1, 1), got {self.margin!r}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        if self.margin_decay is not None and not math.isfinite(self.margin_decay):
+            raise ValueError(f"margin_decay must be a finite number or None, got {self.margin_decay!r}")
+
+    def layer_margin(self, layer: int, num_layers: int) -> float:
+        decay = self.margin if self.margin_decay is None else self.margin_decay
+        return self.margin - decay * layer / max(num_layers, 1)
+
+    def plan(self, request: MergeRequest) -> MergePlan:
+        k = unit_rows(request.mergeable_metric)
+        batch, tokens, _ = k.shape
+        sim = k @ k.transpose(1, 2)
+        margin = self.layer_margin(request.layer, request.num_layers)
+        if self.energy == "gaussian" and margin >= 1.0:
+            raise ValueError(f"gaussian energy needs margin < 1 at every layer, got {margin}")
+        energy = energy_scores(sim, margin, self.energy, self.alpha, request.valid)
+        cand = request.candidates
+        if cand is not None:
+            energy = energy.masked_fill(~cand, float("-inf"))
+        order = sorted_desc(energy)
+        if self.matching == "protect":
+            target, key = _protected_matching(sim, order, request.r, request.r_max, self.split)
+        else:
+            target, key = _bipartite_over_energy(sim, order, request.r, cand)
+        if cand is not None:
+            positions = torch.arange(tokens, device=k.device, dtype=key.dtype)
+            key = torch.where(cand, key, 2 * tokens + positions)
+        return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors())
+
+
+def _protected_matching(sim: Tensor, order: Tensor, r: Tensor, r_max: int, split: str) -> tuple[Tensor, Tensor]:
+    """Full PiToMe: the 2r top-energy tokens split into A/B; every A token merges into its best B token.
+
+    Output order: protected tokens by energy rank, then B tokens (as the official code).
+    """
+    batch, tokens = order.shape
+    device = order.device
+    j = torch.arange(r_max, device=device)
+    r_col = r.unsqueeze(1)
+    active = j.unsqueeze(0) < r_col
+    if split == "alternate":
+        a_rank = (2 * j).expand(batch, r_max)
+        b_rank = (2 * j + 1).expand(batch, r_max)
+    else:
+        a_rank = j.expand(batch, r_max)
+        b_rank = (r_col + j).clamp_max(tokens - 1)
+    a_idx = order.gather(1, a_rank)
+    b_idx = order.gather(1, b_rank)
+    sim_ab = sim.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, tokens))
+    sim_ab = sim_ab.gather(2, b_idx.unsqueeze(1).expand(-1, r_max, -1))
+    sim_ab = sim_ab.masked_fill(~active.unsqueeze(1), float("-inf"))
+    dst = b_idx.gather(1, sim_ab.argmax(dim=-1))
+    target = torch.arange(tokens, device=device).repeat(batch, 1)
+    target.scatter_(1, a_idx, torch.where(active, dst, a_idx))
+    rank = inverse_permutation(order).to(torch.float32)
+    is_dst = torch.zeros(batch, tokens, dtype=torch.bool, device=device)
+    is_dst.scatter_(1, b_idx, active)
+    key = torch.where(is_dst, rank + tokens, rank)
+    return target, key
+
+
+def _bipartite_over_energy(sim: Tensor, order: Tensor, r: Tensor, cand: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """pitome_bsm: A = even energy ranks, B = odd; the r A tokens with the best match merge (ToMe-style).
+
+    Output order: unmerged A tokens by descending best-match score, then B tokens.
+    """
+    batch, tokens = order.shape
+    device = order.device
+    a_idx = order[:, 0::2]
+    b_idx = order[:, 1::2]
+    n_a = a_idx.shape[1]
+    sim_ab = sim.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, tokens))
+    sim_ab = sim_ab.gather(2, b_idx.unsqueeze(1).expand(-1, n_a, -1))
+    if cand is not None:
+        sim_ab = sim_ab.masked_fill(~cand.gather(1, b_idx).unsqueeze(1), float("-inf"))
+    node_max, node_arg = sim_ab.max(dim=-1)
+    if cand is not None:
+        node_max = node_max.masked_fill(~cand.gather(1, a_idx), float("-inf"))
+    edge_rank = inverse_permutation(sorted_desc(node_max))
+    merged = edge_rank < r.unsqueeze(1)
+    target = torch.arange(tokens, device=device).repeat(batch, 1)
+    target.scatter_(1, a_idx, torch.where(merged, b_idx.gather(1, node_arg), a_idx))
+    key = torch.empty(batch, tokens, device=device, dtype=torch.float32)
+    key.scatter_(1, a_idx, edge_rank.to(torch.float32))
+    key.scatter_(1, b_idx, (n_a + torch.arange(b_idx.shape[1], device=device, dtype=torch.float32)).expand_as(b_idx))
+    return target, key
+
+
+@dataclass
+class PiToMeText(PiToMe):
+    """The official text variant (BERT / DistilBERT): Gaussian energy, top-r / next-r split, m_l = 0.9 - 0.25 l/L."""
+
+    name: ClassVar[str] = "pitome_text"
+    summary: ClassVar[str] = "PiToMe text variant: Gaussian energy, top-r / next-r split"
+
+    margin: float = 0.9
+    margin_decay: Optional[float] = 0.25
+    energy: str = "gaussian"
+    split: str = "top_next"
+
+
+@dataclass
+class PiToMeBSM(PiToMe):
+    """Energy-ordered bipartite soft matching without protection (the official code's ``pitome_bsm``)."""
+
+    name: ClassVar[str] = "pitome_bsm"
+    summary: ClassVar[str] = "PiToMe ordering + ToMe-style matching, no protection (paper ablation i)"
+
+    matching: str = "bsm"

@@ -1,0 +1,239 @@
+"""User-facing settings, presets, and their resolution into per-block merge settings."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional, Sequence
+
+from .algorithms import ALGORITHMS, MergeAlgorithm, algorithm_class, available_algorithms
+from .schedule import Budget, resolve_budgets
+
+__all__ = ["MergeConfig", "LayerSettings", "MergeSettings", "PRESETS", "available_presets", "resolve"]
+
+METRICS = ("keys", "hidden")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Everything ``pitome.patch`` accepts, before it is bound to a model.
+
+    algorithm:     a name, or one name per block (None = that block does not merge).
+    ratio / r:     the budget (see ``pitome.schedule.resolve_budgets``).
+    layers:        which blocks merge (None = all).
+    prop_attn:     add log(token size) to the attention logits (proportional attention).
+    size_weighted: merge by size-weighted average (True) or plain mean of the tokens merged at that layer.
+    metric:        'keys' (keys averaged over heads) or 'hidden' (hidden states after the attention residual).
+    trace_source:  keep the map from original tokens to merged tokens (and its history per layer).
+    seed:          seed for randomised algorithms.
+    options:       algorithm options; any of them may be a list with one value per block.
+    preset:        the preset these settings came from, for reporting.
+    """
+
+    algorithm: Any = "pitome"
+    ratio: Any = None
+    r: Any = None
+    layers: Optional[Sequence[int]] = None
+    prop_attn: bool = True
+    size_weighted: bool = True
+    metric: str = "keys"
+    trace_source: bool = False
+    seed: Optional[int] = None
+    options: dict = field(default_factory=dict)
+    preset: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    algorithm: Optional[MergeAlgorithm]
+    budget: Optional[Budget]
+
+    @property
+    def merges(self) -> bool:
+        return self.algorithm is not None and self.budget is not None
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """A config bound to a model: one ``LayerSettings`` per block plus the model-wide switches."""
+
+    config: MergeConfig
+    layers: tuple[LayerSettings, ...]
+    num_protected: int
+    needs_attention: bool
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+# --- presets: the official per-family settings of the paper's code (spec §1.5, §1.7) -------------------
+
+def _first_half(num_layers: int, first: str, rest: str) -> list[str]:
+    half = math.ceil(num_layers / 2)
+    return [first] * half + [rest] * (num_layers - half)
+
+
+def _deit(num_layers: int) -> dict:
+    return dict(algorithm="pitome", prop_attn=False, metric="keys",
+                options=dict(margin=0.75, margin_decay=0.75, energy="elu", split="alternate",
+                             matching=_first_half(num_layers, "bsm", "protect")))
+
+
+def _mae(num_layers: int) -> dict:
+    return dict(algorithm="pitome", prop_attn=False, metric="keys",
+                options=dict(margin=0.75, margin_decay=0.75, energy="elu", split="alternate",
+                             matching=_first_half(num_layers, "protect", "bsm")))
+
+
+def _clip(num_layers: int) -> dict:
+    return dict(algorithm="pitome", prop_attn=False, metric="hidden",
+                options=dict(margin=0.95, margin_decay=0.95, energy="elu", split="alternate", matching="protect"))
+
+
+def _clip_hf(num_layers: int) -> dict:
+    bsm_layers = min(13, num_layers)
+    algorithms = ["tome"] * bsm_layers + ["pitome"] * (num_layers - bsm_layers)
+    options = dict(margin=0.9, margin_decay=0.9, energy="elu", split="alternate", matching="protect")
+    if bsm_layers == num_layers:
+        options = {}
+    return dict(algorithm=algorithms, prop_attn=False, metric="hidden", size_weighted=False, options=options)
+
+
+def _blip(num_layers: int) -> dict:
+    return dict(algorithm="pitome", prop_attn=False, metric="hidden",
+                options=dict(margin=0.9, margin_decay=0.9, energy="elu", split="alternate", matching="protect"))
+
+
+def _blip2(num_layers: int) -> dict:
+    return dict(algorithm="pitome", prop_attn=True, metric="keys",
+                options=dict(margin=0.75, margin_decay=0.4, energy="elu", split="alternate", matching="protect"))
+
+
+def _bert(num_layers: int) -> dict:
+    return dict(algorithm="pitome_text", prop_attn=False, metric="keys", size_weighted=False,
+                layers=list(range(min(3, num_layers))),
+                options=dict(margin=0.9, margin_decay=0.25, energy="gaussian", split="top_next", matching="protect"))
+
+
+def _paper(num_layers: int) -> dict:
+    return dict(algorithm="pitome", prop_attn=True, metric="keys", size_weighted=True,
+                options=dict(margin=0.9, margin_decay=0.9, alpha=1.0, energy="paper", split="alternate",
+                             matching="protect"))
+
+
+PRESETS: dict[str, tuple[Callable[[int], dict], str]] = {
+    "deit": (_deit, "official DeiT code: m_l = 0.75 - 0.75 l/L, first half of the blocks pitome_bsm, "
+                    "keys, no proportional attention"),
+    "mae": (_mae, "official MAE code: m_l = 0.75 - 0.75 l/L, second half of the blocks pitome_bsm, keys, "
+                  "no proportional attention, size-weighted average pooling"),
+    "clip": (_clip, "official CLIP (LAVIS / open_clip) code: m_l = 0.95 - 0.95 l/L, full PiToMe everywhere, "
+                    "hidden states as metric, no proportional attention"),
+    "clip_hf": (_clip_hf, "official Hugging Face CLIP code used for LLaVA: ToMe matching in blocks 0-12, "
+                          "PiToMe after, m_l = 0.9 - 0.9 l/L, hidden states, plain mean, no proportional "
+                          "attention (we merge after attention, not after the whole block)"),
+    "blip": (_blip, "official BLIP / ALBEF code: m_l = 0.9 - 0.9 l/L, hidden states, no proportional attention"),
+    "blip2": (_blip2, "official BLIP-2 code: m_l = 0.75 - 0.4 l/L, keys, proportional attention"),
+    "bert": (_bert, "official BERT code: text variant (Gaussian energy, top-r / next-r split), "
+                    "m_l = 0.9 - 0.25 l/L, first 3 blocks, keys, sizes reset per layer, no proportional attention"),
+    "distilbert": (_bert, "official DistilBERT code: as 'bert' (first 3 of 6 blocks)"),
+    "paper": (_paper, "the paper as written: Eq. (4) energy, m_l = 0.9 - 0.9 l/L, alpha 1, full PiToMe in every "
+                      "block, keys, size-weighted, proportional attention"),
+}
+
+
+def available_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def preset_config(name: str, num_layers: int) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
+    return PRESETS[name][0](num_layers)
+
+
+# --- resolution ------------------------------------------------------------------------------------------
+
+def _per_layer(value: Any, num_layers: int, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_layers:
+            raise ValueError(f"{what} list has {len(value)} entries; the model has {num_layers} blocks")
+        return list(value)
+    return [value] * num_layers
+
+
+def _validate_switches(config: MergeConfig) -> None:
+    for key in ("prop_attn", "size_weighted", "trace_source"):
+        if not isinstance(getattr(config, key), bool):
+            raise ValueError(f"{key} must be True or False, got {getattr(config, key)!r}")
+    if config.metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {config.metric!r}")
+    if config.seed is not None and (isinstance(config.seed, bool) or not isinstance(config.seed, numbers.Integral)):
+        raise ValueError(f"seed must be an integer or None, got {config.seed!r}")
+
+
+def resolve(config: MergeConfig, num_layers: int, num_protected: int) -> MergeSettings:
+    """Bind a config to a model with ``num_layers`` blocks; validates everything once, at patch time."""
+    _validate_switches(config)
+    names = _per_layer(config.algorithm, num_layers, "algorithm")
+    for name in names:
+        if name is not None:
+            algorithm_class(name)
+    budgets = resolve_budgets(num_layers, ratio=config.ratio, r=config.r, layers=config.layers)
+    used = {name for name in names if name is not None}
+    accepted = {opt for name in used for opt in ALGORITHMS[name].option_names()}
+    unknown = sorted(set(config.options) - accepted)
+    if unknown:
+        allowed = {name: ALGORITHMS[name].option_names() for name in sorted(used)}
+        raise ValueError(f"unknown option(s) {unknown}; options of the chosen algorithm(s): {allowed}")
+    per_layer_options = {k: _per_layer(v, num_layers, f"option {k!r}") for k, v in config.options.items()}
+    layers = []
+    for index, (name, budget) in enumerate(zip(names, budgets)):
+        algorithm = None
+        if name is not None and budget is not None:
+            cls = ALGORITHMS[name]
+            own = {k: v[index] for k, v in per_layer_options.items() if k in cls.option_names()}
+            algorithm = cls.create(**own)
+        layers.append(LayerSettings(algorithm=algorithm, budget=budget if algorithm is not None else None))
+    needs_attention = any(s.algorithm is not None and s.algorithm.needs_attention for s in layers)
+    return MergeSettings(config=config, layers=tuple(layers), num_protected=num_protected,
+                         needs_attention=needs_attention)
+
+
+def build_config(
+    num_layers: int,
+    algorithm: Any = None,
+    ratio: Any = None,
+    r: Any = None,
+    *,
+    preset: Optional[str] = None,
+    layers: Optional[Sequence[int]] = None,
+    prop_attn: Optional[bool] = None,
+    size_weighted: Optional[bool] = None,
+    metric: Optional[str] = None,
+    trace_source: bool = False,
+    seed: Optional[int] = None,
+    default_ratio: float = 0.9,
+    **options: Any,
+) -> MergeConfig:
+    """Merge a preset (if any) with explicit arguments; explicit arguments win."""
+    base: dict = preset_config(preset, num_layers) if preset is not None else {}
+    explicit = dict(algorithm=algorithm, layers=layers, prop_attn=prop_attn, size_weighted=size_weighted,
+                    metric=metric)
+    fields = {**base, **{k: v for k, v in explicit.items() if v is not None}}
+    merged_options = dict(base.get("options", {}))
+    if algorithm is not None and preset is not None and algorithm != base.get("algorithm"):
+        # a different algorithm than the preset's: keep only the options it understands
+        names = [n for n in _per_layer(algorithm, num_layers, "algorithm") if n is not None]
+        accepted = {o for n in names for o in algorithm_class(n).option_names()}
+        merged_options = {k: v for k, v in merged_options.items() if k in accepted}
+    merged_options.update(options)
+    fields["options"] = merged_options
+    if ratio is None and r is None:
+        ratio = default_ratio
+    return replace(MergeConfig(), **fields, ratio=ratio, r=r, trace_source=trace_source, seed=seed, preset=preset)
+
+
+def describe_algorithms() -> dict[str, str]:
+    return {name: ALGORITHMS[name].summary for name in available_algorithms()}

@@ -1,0 +1,131 @@
+"""Merge plans: which input token goes to which output slot, applicable to any per-token tensor.
+
+A plan is one integer map ``assign`` of shape (B, N): the output slot of every input token, or -1 when
+the token is dropped (pruning baselines). Every algorithm produces a plan and never touches features;
+the merge step applies the same plan to features, sizes, masks and source maps, and can unmerge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["MergePlan", "build_plan", "identity_plan"]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Output slot per input token.
+
+    assign:  (B, N) long, values in [-1, num_out); -1 = dropped.
+    num_out: number of output tokens (same for the whole batch; slots nobody fills are empty,
+             with size 0, which only happens when samples of a batch merge different amounts).
+    weight:  optional (B, N) non-negative extra merge weight per token (multiplies the size), for
+             baselines that average with other weights than sizes.
+    """
+
+    assign: Tensor
+    num_out: int
+    weight: Optional[Tensor] = None
+
+    @property
+    def num_in(self) -> int:
+        return self.assign.shape[1]
+
+    # -- reductions ---------------------------------------------------------------------------------
+    def _index(self, channels: int) -> Tensor:
+        """Scatter index with dropped tokens routed to a spare slot at the end."""
+        idx = torch.where(self.assign < 0, self.num_out, self.assign)
+        return idx.unsqueeze(-1).expand(-1, -1, channels)
+
+    def sum(self, t: Tensor) -> Tensor:
+        """Sum of the members of each slot. t: (B, N, C) or (B, N)."""
+        squeeze = t.dim() == 2
+        t3 = t.unsqueeze(-1) if squeeze else t
+        out = t3.new_zeros(t3.shape[0], self.num_out + 1, t3.shape[-1])
+        out.scatter_add_(1, self._index(t3.shape[-1]), t3)
+        out = out[:, : self.num_out]
+        return out.squeeze(-1) if squeeze else out
+
+    def any(self, mask: Tensor) -> Tensor:
+        """A slot is set if any member is set (padding masks: a merged token is valid if any member is)."""
+        return self.sum(mask.to(torch.float32)) > 0
+
+    def merge(self, x: Tensor, size: Tensor, size_weighted: bool = True) -> tuple[Tensor, Tensor]:
+        """Weighted average of the members of each slot, and the summed sizes.
+
+        x: (B, N, C); size: (B, N) float32. Weights are the sizes (size_weighted) or 1 per token,
+        times ``weight`` if the plan has one. Empty slots get zeros.
+        """
+        w = size if size_weighted else torch.ones_like(size)
+        if self.weight is not None:
+            w = w * self.weight
+        total = self.sum(w)
+        num = self.sum(x * w.to(x.dtype).unsqueeze(-1))
+        out = num / total.clamp_min(torch.finfo(torch.float32).tiny).to(x.dtype).unsqueeze(-1)
+        return out, self.sum(size)
+
+    def unmerge(self, y: Tensor) -> Tensor:
+        """Copy every output token back to each input position it came from (zeros where dropped)."""
+        squeeze = y.dim() == 2
+        y3 = y.unsqueeze(-1) if squeeze else y
+        idx = self.assign.clamp_min(0).unsqueeze(-1).expand(-1, -1, y3.shape[-1])
+        out = y3.gather(1, idx)
+        out = out.masked_fill((self.assign < 0).unsqueeze(-1), 0)
+        return out.squeeze(-1) if squeeze else out
+
+    def compose_source(self, source: Tensor) -> Tensor:
+        """Push a source map (B, N0): current slot of each original token (-1 = dropped) through the plan."""
+        new = self.assign.gather(1, source.clamp_min(0))
+        return torch.where(source < 0, source, new)
+
+
+def identity_plan(batch: int, tokens: int, device: torch.device) -> MergePlan:
+    assign = torch.arange(tokens, device=device).expand(batch, tokens)
+    return MergePlan(assign=assign, num_out=tokens)
+
+
+def build_plan(
+    target: Tensor,
+    order_key: Tensor,
+    num_protected: int,
+    valid: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    max_survivors: Optional[int] = None,
+) -> MergePlan:
+    """Turn "who merges into whom" into a plan with a deterministic output order.
+
+    target:    (B, T) long over the mergeable tokens (those after the ``num_protected`` leading ones):
+               the token each one merges into (itself if it stays), or -1 if dropped. A token that is
+               a target must target itself (no chains).
+    order_key: (B, T) float; surviving tokens are laid out by ascending key (stable).
+    valid:     (B, T) bool padding mask; padding tokens that survive go after all real tokens, so real
+               tokens keep the same relative order with or without padding.
+    max_survivors: the largest number of survivors in a sample, when the caller knows it (saves a
+               device sync); computed otherwise.
+    Leading protected tokens keep slots 0..num_protected-1.
+    """
+    batch, tokens = target.shape
+    device = target.device
+    positions = torch.arange(tokens, device=device).expand(batch, tokens)
+    survives = target == positions
+    # group 0: real survivors, 1: padding survivors, 2: merged or dropped (no slot of their own)
+    group = torch.where(survives, 0, 2)
+    if valid is not None:
+        group = torch.where(survives & ~valid, 1, group)
+    perm = torch.argsort(order_key, dim=1, stable=True)
+    perm = perm.gather(1, torch.argsort(group.gather(1, perm), dim=1, stable=True))
+    slot = torch.empty_like(perm)
+    slot.scatter_(1, perm, positions)
+    if max_survivors is None:
+        max_survivors = int(survives.sum(dim=1).max()) if batch > 0 else 0
+    num_out = num_protected + max_survivors
+    assign_mergeable = torch.where(target < 0, -1, slot.gather(1, target.clamp_min(0)) + num_protected)
+    head = torch.arange(num_protected, device=device).expand(batch, num_protected)
+    assign = torch.cat([head, assign_mergeable], dim=1)
+    if weight is not None and weight.shape[1] == tokens:
+        weight = torch.cat([weight.new_ones(batch, num_protected), weight], dim=1)
+    return MergePlan(assign=assign, num_out=num_out, weight=weight)

@@ -1,0 +1,144 @@
+"""How many tokens each layer removes: PiToMe's keep-ratio, ToMe's fixed r, (r, inflection), per-layer lists."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["Budget", "resolve_budgets", "resolve_layers", "predict_token_counts", "BudgetSpec"]
+
+RatioSpec = Union[float, Sequence[Optional[float]]]
+RSpec = Union[int, tuple, Sequence[Optional[int]]]
+BudgetSpec = Union[RatioSpec, RSpec]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Tokens to remove at one layer, from the number T of mergeable tokens.
+
+    ratio: keep-ratio rho; removes floor(T - T * rho) (float arithmetic, as the official code).
+    r:     fixed count, as ToMe.
+    """
+
+    ratio: Optional[float] = None
+    r: Optional[int] = None
+
+    def remove_count(self, mergeable: int) -> int:
+        if self.r is not None:
+            return self.r
+        return math.floor(mergeable - mergeable * self.ratio)
+
+    def remove_counts(self, mergeable: Tensor) -> Tensor:
+        """Per-sample counts for a (B,) tensor of mergeable-token counts (padding-aware budgets)."""
+        if self.r is not None:
+            return torch.full_like(mergeable, self.r)
+        t = mergeable.to(torch.float64)
+        return torch.floor(t - t * self.ratio).to(torch.long)
+
+
+def _check_ratio(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"ratio{where} must be a number in (0, 1] (keep-ratio per layer), got {value!r}")
+    return float(value)
+
+
+def _check_r(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 0:
+        raise ValueError(f"r{where} must be an integer >= 0 (tokens removed per layer), got {value!r}")
+    return int(value)
+
+
+def resolve_layers(layers: Optional[Iterable[int]], num_layers: int) -> list[bool]:
+    """Which blocks merge: None = all; otherwise block indices (negative counts from the end)."""
+    if layers is None:
+        return [True] * num_layers
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise ValueError(f"layers must be None or a list of block indices, got {layers!r}")
+    chosen = [False] * num_layers
+    for index in layers:
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+            raise ValueError(f"layers must hold integers, got {index!r}")
+        if not -num_layers <= index < num_layers:
+            raise ValueError(f"layer {index} is out of range for a model with {num_layers} blocks")
+        chosen[int(index) % num_layers] = True
+    return chosen
+
+
+def resolve_budgets(
+    num_layers: int,
+    ratio: Optional[RatioSpec] = None,
+    r: Optional[RSpec] = None,
+    layers: Optional[Iterable[int]] = None,
+) -> list[Optional[Budget]]:
+    """Per-block budget (None = that block does not merge).
+
+    ratio: a keep-ratio for every merging block, or a list with one entry per block (None = skip).
+    r:     a count for every merging block, ToMe's ``(r, inflection)`` (inflection in [-1, 1]: r_l goes
+           linearly from r(1 - inflection) at the first block to r(1 + inflection) at the last; < 0 removes
+           more early), or a list with one entry per block.
+    """
+    if ratio is not None and r is not None:
+        raise ValueError("give either ratio (keep-ratio per layer) or r (tokens per layer), not both")
+    if ratio is None and r is None:
+        raise ValueError("a budget is needed: ratio=<keep-ratio in (0, 1]> or r=<tokens per layer>")
+    active = resolve_layers(layers, num_layers)
+    per_layer: list[Optional[Budget]]
+    if ratio is not None:
+        if isinstance(ratio, (list, tuple)):
+            if len(ratio) != num_layers:
+                raise ValueError(f"ratio list has {len(ratio)} entries; the model has {num_layers} blocks")
+            per_layer = [None if v is None else Budget(ratio=_check_ratio(v, f"[{i}]")) for i, v in enumerate(ratio)]
+        else:
+            per_layer = [Budget(ratio=_check_ratio(ratio, ""))] * num_layers
+    else:
+        if isinstance(r, tuple) and len(r) == 2 and not isinstance(r[1], numbers.Integral):
+            base, inflection = _check_r(r[0], ""), r[1]
+            if not isinstance(inflection, numbers.Real) or not -1.0 <= inflection <= 1.0:
+                raise ValueError(f"r inflection must be a number in [-1, 1], got {inflection!r}")
+            span = max(num_layers - 1, 1)
+            per_layer = [
+                Budget(r=int(math.floor(base * (1 - inflection) + 2 * base * inflection * i / span)))
+                for i in range(num_layers)
+            ]
+        elif isinstance(r, (list, tuple)):
+            if len(r) != num_layers:
+                raise ValueError(f"r list has {len(r)} entries; the model has {num_layers} blocks")
+            per_layer = [None if v is None else Budget(r=_check_r(v, f"[{i}]")) for i, v in enumerate(r)]
+        else:
+            per_layer = [Budget(r=_check_r(r, ""))] * num_layers
+    return [b if on else None for b, on in zip(per_layer, active)]
+
+
+def capped(requested: int, allowed: int, layer: int) -> int:
+    """Cap a budget at what one merge step allows, warning once per call site."""
+    if requested > allowed:
+        warnings.warn(
+            f"layer {layer}: budget asks to remove {requested} tokens but only {allowed} can be merged "
+            f"in one step; capped to {allowed}",
+            stacklevel=3,
+        )
+        return allowed
+    return requested
+
+
+def predict_token_counts(
+    budgets: Sequence[Optional[Budget]], num_tokens: int, num_protected: int = 1, merges_per_block: int = 1
+) -> list[int]:
+    """Tokens entering each block, then the tokens leaving the last one (length L + 1).
+
+    Assumes a bipartite cap of half the mergeable tokens per step, as PiToMe and ToMe.
+    """
+    counts = [num_tokens]
+    tokens = num_tokens
+    for layer, budget in enumerate(budgets):
+        if budget is not None:
+            mergeable = tokens - num_protected
+            tokens -= min(budget.remove_count(mergeable), mergeable // 2)
+        counts.append(tokens)
+    return counts

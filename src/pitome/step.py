@@ -1,0 +1,207 @@
+"""The per-layer merge step and the per-forward state it updates.
+
+A fresh ``ForwardState`` is created when a patched model's forward starts and is found by the model's
+blocks through a context variable keyed by the model: nothing lives in shared lists, so a patched model is
+re-entrant, deep-copyable and usable from several threads at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from .algorithms.base import MergeRequest
+from .config import MergeSettings
+from .plan import MergePlan
+from .schedule import capped
+
+__all__ = ["ForwardState", "MergeInfo", "RootKey", "activate", "current_state"]
+
+
+class RootKey:
+    """Identity of one patched model; shared by its blocks (deepcopy copies it once per model)."""
+
+    __slots__ = ()
+
+
+_ACTIVE: contextvars.ContextVar[dict] = contextvars.ContextVar("pitome_active_states", default={})
+
+
+@dataclass
+class MergeInfo:
+    """What a user can read after a forward (``pitome.info(model)``).
+
+    tokens_per_layer: tokens entering each block, then the tokens leaving the last block.
+    size:             (B, N) float32 number of original tokens in each output token (None if nothing merged).
+    source:           (B, N0) long, output slot holding each original token (-1 = dropped); needs trace_source.
+    source_history:   [(block index, source map after that block's merge)] with trace_source.
+    valid:            (B, N) bool padding mask of the output tokens (None without padding).
+    """
+
+    tokens_per_layer: list[int]
+    size: Optional[Tensor]
+    source: Optional[Tensor]
+    source_history: list[tuple[int, Tensor]]
+    valid: Optional[Tensor]
+
+    def source_matrix(self) -> Tensor:
+        """Dense (B, N, N0) bool: row = output token, column = original token it contains."""
+        if self.source is None:
+            raise ValueError("no source map: patch with trace_source=True")
+        return source_to_matrix(self.source, len(self.size[0]) if self.size is not None else int(self.source.max()) + 1)
+
+
+def source_to_matrix(source: Tensor, num_out: int) -> Tensor:
+    batch, n0 = source.shape
+    out = torch.zeros(batch, num_out + 1, n0, dtype=torch.bool, device=source.device)
+    idx = torch.where(source < 0, num_out, source)
+    out.scatter_(1, idx.unsqueeze(1), True)
+    return out[:, :num_out]
+
+
+@dataclass
+class ForwardState:
+    """Sizes, masks and sources of the tokens of one forward, updated by each merge step."""
+
+    settings: MergeSettings
+    size: Optional[Tensor] = None
+    valid: Optional[Tensor] = None
+    frozen: Optional[Tensor] = None
+    source: Optional[Tensor] = None
+    metric: Optional[Tensor] = None
+    attention: Optional[Tensor] = None
+    tokens_per_layer: list[int] = field(default_factory=list)
+    source_history: list[tuple[int, Tensor]] = field(default_factory=list)
+    generator: Optional[torch.Generator] = None
+    merged: bool = False
+    final_tokens: Optional[int] = None
+
+    # -- per block ----------------------------------------------------------------------------------
+    def enter_block(self, layer: int, x: Tensor) -> None:
+        if self.settings.config.trace_source and self.source is None:
+            self.source = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        self.tokens_per_layer.append(x.shape[1])
+
+    def layer_merges(self, layer: int) -> bool:
+        return self.settings.layers[layer].merges
+
+    def wants_keys(self, layer: int) -> bool:
+        return self.settings.config.metric == "keys" and self.layer_merges(layer)
+
+    def size_bias(self, dtype: torch.dtype) -> Optional[Tensor]:
+        """(B, 1, 1, N) additive attention bias log(size) for proportional attention; None while unneeded."""
+        if not self.merged or self.size is None:
+            return None
+        if not self.settings.config.prop_attn and self.valid is None:
+            return None
+        if self.settings.config.prop_attn:
+            bias = torch.log(self.size)
+        else:
+            bias = torch.zeros_like(self.size)
+        bias = bias.masked_fill(self.size <= 0, float("-inf"))
+        return bias.to(dtype)[:, None, None, :]
+
+    def merge(self, layer: int, x: Tensor, hidden_metric: Optional[Tensor] = None) -> Tensor:
+        """Apply block ``layer``'s merge to the hidden states x (B, N, C); returns the merged states."""
+        spec = self.settings.layers[layer]
+        if not spec.merges:
+            return x
+        metric = self.metric if self.settings.config.metric == "keys" else hidden_metric
+        if metric is None:
+            metric = x
+        self.metric = None
+        plan = self.plan(layer, x, metric)
+        if plan is None:
+            return x
+        return self.apply(layer, plan, x)
+
+    def plan(self, layer: int, x: Tensor, metric: Tensor) -> Optional[MergePlan]:
+        spec = self.settings.layers[layer]
+        h = self.settings.num_protected
+        batch, tokens, _ = x.shape
+        mergeable = tokens - h
+        valid = self.valid[:, h:] if self.valid is not None else None
+        frozen = self.frozen[:, h:] if self.frozen is not None else None
+        with torch.no_grad():
+            if valid is None and frozen is None:
+                allowed = int(spec.algorithm.max_removable(mergeable))
+                r_int = capped(spec.budget.remove_count(mergeable), allowed, layer)
+                if r_int <= 0:
+                    return None
+                r = torch.full((batch,), r_int, dtype=torch.long, device=x.device)
+                r_max = r_min = r_int
+            else:
+                cand = torch.ones(batch, mergeable, dtype=torch.bool, device=x.device)
+                if valid is not None:
+                    cand &= valid
+                if frozen is not None:
+                    cand &= ~frozen
+                count = cand.sum(dim=1)
+                requested = spec.budget.remove_counts(count)
+                allowed = spec.algorithm.max_removable(count)
+                r = torch.minimum(requested, allowed).clamp_min(0)
+                r_max = int(r.max())
+                if int(requested.max()) > int(allowed.max()):
+                    capped(int(requested.max()), int(allowed.max()), layer)
+                if r_max <= 0:
+                    return None
+                r_min = int(r.min())
+            size = self.size[:, h:] if self.size is not None else None
+            attention = self.attention
+            self.attention = None
+            request = MergeRequest(
+                metric=metric.detach(), r=r, r_max=r_max, r_min=r_min, num_protected=h, valid=valid,
+                frozen=frozen, size=size, attention=attention, layer=layer,
+                num_layers=self.settings.num_layers, generator=self.generator,
+            )
+            return spec.algorithm.plan(request)
+
+    def apply(self, layer: int, plan: MergePlan, x: Tensor) -> Tensor:
+        size = self.size if self.size is not None else torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)
+        x, self.size = plan.merge(x, size, self.settings.config.size_weighted)
+        if self.valid is not None:
+            self.valid = plan.any(self.valid)
+        if self.frozen is not None:
+            self.frozen = plan.any(self.frozen)
+        if self.source is not None:
+            self.source = plan.compose_source(self.source)
+            self.source_history.append((layer, self.source))
+        self.merged = True
+        return x
+
+    def info(self) -> MergeInfo:
+        counts = list(self.tokens_per_layer)
+        if self.final_tokens is not None:
+            counts.append(self.final_tokens)
+        return MergeInfo(tokens_per_layer=counts, size=self.size, source=self.source,
+                         source_history=list(self.source_history), valid=self.valid)
+
+
+def current_state(key: RootKey) -> Optional[ForwardState]:
+    return _ACTIVE.get().get(key)
+
+
+@contextlib.contextmanager
+def activate(key: RootKey, settings: MergeSettings, device: Optional[torch.device] = None) -> Iterator[tuple[ForwardState, bool]]:
+    """Use the state of the running forward of this model, or start a fresh one.
+
+    Yields (state, started): ``started`` is True for the outermost call, which owns the state.
+    """
+    existing = _ACTIVE.get().get(key)
+    if existing is not None:
+        yield existing, False
+        return
+    state = ForwardState(settings=settings)
+    if settings.config.seed is not None:
+        state.generator = torch.Generator(device=device or "cpu")
+        state.generator.manual_seed(settings.config.seed)
+    token = _ACTIVE.set({**_ACTIVE.get(), key: state})
+    try:
+        yield state, True
+    finally:
+        _ACTIVE.reset(token)
