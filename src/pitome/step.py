@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -20,7 +20,7 @@ from .config import MergeSettings
 from .plan import MergePlan
 from .schedule import capped
 
-__all__ = ["ForwardState", "MergeInfo", "RootKey", "activate", "current_state"]
+__all__ = ["ForwardState", "MergeInfo", "RootKey", "activate", "current_state", "record_merges"]
 
 
 class RootKey:
@@ -30,6 +30,8 @@ class RootKey:
 
 
 _ACTIVE: contextvars.ContextVar[dict] = contextvars.ContextVar("pitome_active_states", default={})
+# Optional observer of every merge step (spectral analysis, visualisation); None = off, one lookup per step.
+_RECORDER: contextvars.ContextVar[Optional[Callable[..., None]]] = contextvars.ContextVar("pitome_recorder", default=None)
 
 
 @dataclass
@@ -116,6 +118,9 @@ class ForwardState:
             metric = x
         self.metric = None
         plan = self.plan(layer, x, metric)
+        recorder = _RECORDER.get()
+        if recorder is not None:
+            recorder(self, layer, metric, plan)
         if plan is None:
             return x
         return self.apply(layer, plan, x)
@@ -180,6 +185,20 @@ class ForwardState:
             counts.append(self.final_tokens)
         return MergeInfo(tokens_per_layer=counts, size=self.size, source=self.source,
                          source_history=list(self.source_history), valid=self.valid)
+
+
+@contextlib.contextmanager
+def record_merges(callback: Callable[..., None]) -> Iterator[None]:
+    """Call ``callback(state, layer, metric, plan)`` at each merging block run inside this context.
+
+    ``metric`` is what the algorithm saw (B, N, d), ``plan`` its MergePlan (None when nothing merged),
+    ``state.size`` the sizes before the merge. For analysis tools; costs one lookup per step when unused.
+    """
+    token = _RECORDER.set(callback)
+    try:
+        yield
+    finally:
+        _RECORDER.reset(token)
 
 
 def current_state(key: RootKey) -> Optional[ForwardState]:
