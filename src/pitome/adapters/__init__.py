@@ -5,11 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, UnsupportedModelError
+from .hf_text import HFTextAdapter
 from .timm_vit import TimmViTAdapter
 
 __all__ = ["Adapter", "UnsupportedModelError", "ADAPTERS", "find_adapter", "register_adapter"]
 
 ADAPTERS: list[type[Adapter]] = [TimmViTAdapter]
+ADAPTERS.append(HFTextAdapter)
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:

@@ -1,0 +1,322 @@
+"""Hugging Face BERT-like text encoders (transformers >=5.0,<6): BERT, RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT
+and their task models; sentence-embedding models built on them (pool with ``pitome.pool_mean``).
+
+Each layer becomes: attention sub-layer (self-attention + output projection + residual + LayerNorm) ; merge ;
+feed-forward sub-layer. The model's own modules run unchanged; only the layer's ``forward`` and the base model's
+``forward`` are swapped. Keys (mean over heads) come from a forward hook on the key projection.
+
+Padding and protected tokens: the per-forward state gets ``valid`` from the 2-D ``attention_mask`` and ``frozen``
+= the last real token ([SEP] / </s>), which never merges; [CLS] / <s> is the protected leading token. After the
+first merge every layer gets an additive mask (B, 1, 1, N) rebuilt from ``valid`` plus the size bias (log size with
+proportional attention, -inf for empty slots); before it, the model's own mask is used unchanged, so a model that
+merges nothing gives exactly the unpatched outputs. Works with ``attn_implementation`` "sdpa" and "eager".
+
+Token-level task models (token classification, question answering, masked LM, pre-training) get their last hidden
+states copied back to the original positions ("unmerged") so their heads and losses see the input length.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import MergeSettings
+from ..step import ForwardState, RootKey, activate
+from .base import Adapter, UnsupportedModelError, pitome_hook, root_state, swap_class
+from .hf_common import (SUPPORTED_TRANSFORMERS, additive_mask, check_attention_backend, class_names,
+                        first_token_attention, register_output_capture, require_transformers, split_heads_mean)
+
+__all__ = ["HFTextAdapter", "BERT_LIKE_MODELS", "DISTILBERT_MODELS"]
+
+BERT_LIKE_MODELS = ("BertModel", "RobertaModel", "XLMRobertaModel", "CamembertModel")
+DISTILBERT_MODELS = ("DistilBertModel",)
+TOKEN_LEVEL_HEADS = ("ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM", "ForPreTraining")
+_EXTRA_ATTRS = ("_pitome_unmerge", "_pitome_family")
+
+
+# --- where things are, per family -------------------------------------------------------------------------
+
+def _family(base: nn.Module) -> Optional[str]:
+    names = class_names(base)
+    if names & set(BERT_LIKE_MODELS):
+        return "bert"
+    if names & set(DISTILBERT_MODELS):
+        return "distilbert"
+    return None
+
+
+def _find_base(model: nn.Module) -> Optional[nn.Module]:
+    """The encoder inside ``model`` (the model itself or its ``base_model``), if it is a supported family."""
+    if _family(model) is not None:
+        return model
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model and _family(base) is not None:
+        return base
+    return None
+
+
+def _layers(base: nn.Module) -> nn.ModuleList:
+    return base.transformer.layer if _family(base) == "distilbert" else base.encoder.layer
+
+
+def _attention_parts(layer: nn.Module, family: str) -> tuple[nn.Linear, nn.Linear, int, float]:
+    """(query projection, key projection, heads, scaling) of a layer's self-attention."""
+    if family == "distilbert":
+        attn = layer.attention
+        return attn.q_lin, attn.k_lin, int(attn.n_heads), float(attn.scaling)
+    attn = layer.attention.self
+    return attn.query, attn.key, int(attn.num_attention_heads), float(attn.scaling)
+
+
+_REQUIRED = {
+    "bert": ("attention", "attention.self", "attention.self.query", "attention.self.key", "attention.output",
+             "intermediate", "output"),
+    "distilbert": ("attention", "attention.q_lin", "attention.k_lin", "sa_layer_norm", "ffn", "output_layer_norm"),
+}
+
+
+def _has_path(module: nn.Module, path: str) -> bool:
+    for part in path.split("."):
+        if not hasattr(module, part):
+            return False
+        module = getattr(module, part)
+    return True
+
+
+# --- per layer ----------------------------------------------------------------------------------------------
+
+@pitome_hook
+def _capture_key_projection(module: nn.Module, args: tuple, output: Tensor) -> None:
+    """Keep the raw key projection (B, N, H*d) of a merging layer; the layer turns it into the metric."""
+    state = root_state(module)
+    if state is not None and state.layer_merges(module.__dict__["_pitome_layer"]):
+        state.metric = output
+
+
+def _layer_mask(state: ForwardState, given: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """The model's own mask until something merged; then valid + size bias for the current tokens."""
+    if not state.merged:
+        return given
+    return additive_mask(state.valid, state.size_bias(x.dtype), x.dtype, shape=tuple(x.shape[:2]))
+
+
+def _prepare_metric(layer_module: nn.Module, state: ForwardState, layer: int, x_in: Tensor,
+                    mask: Optional[Tensor]) -> None:
+    """Turn the captured key projection into the keys metric, and [CLS] attention if the algorithm wants it."""
+    raw = state.metric
+    state.metric = None
+    if not state.layer_merges(layer):
+        return
+    query, _, heads, scaling = _attention_parts(layer_module, layer_module.__dict__["_pitome_family"])
+    algorithm = state.settings.layers[layer].algorithm
+    if getattr(algorithm, "needs_attention", False):
+        if raw is None:
+            raise RuntimeError("pitome: the key projection was not captured; re-patch the model")
+        state.attention = first_token_attention(query(x_in[:, :1]), raw, heads, scaling, mask)
+    if state.settings.config.metric == "keys" and raw is not None:
+        state.metric = split_heads_mean(raw, heads)
+
+
+def _feed_forward(fn: Callable[[Tensor], Tensor], chunk_size: int, x: Tensor) -> Tensor:
+    """transformers' chunked feed-forward needs the length divisible by the chunk; merged lengths may not be."""
+    if chunk_size and x.shape[1] % chunk_size == 0:
+        from transformers.pytorch_utils import apply_chunking_to_forward
+
+        return apply_chunking_to_forward(fn, chunk_size, 1, x)
+    return fn(x)
+
+
+class _PatchedBertLayer:
+    """Mixin for BertLayer / RobertaLayer / ...: attention sub-layer, merge, feed-forward sub-layer."""
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, *args: Any, **kwargs: Any) -> Tensor:
+        state = root_state(self)
+        if state is None:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        layer = self.__dict__["_pitome_layer"]
+        state.enter_block(layer, hidden_states)
+        mask = _layer_mask(state, attention_mask, hidden_states)
+        kwargs.pop("encoder_attention_mask", None)
+        attention_output, _ = self.attention(hidden_states, mask, cache=kwargs.pop("cache", None), **kwargs)
+        _prepare_metric(self, state, layer, hidden_states, mask)
+        x = state.merge(layer, attention_output, hidden_metric=attention_output)
+        return _feed_forward(self.feed_forward_chunk, self.chunk_size_feed_forward, x)
+
+
+class _PatchedDistilBertBlock:
+    """Mixin for DistilBERT's TransformerBlock: attention + residual + sa_layer_norm, merge, FFN + output norm."""
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
+        state = root_state(self)
+        if state is None:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        layer = self.__dict__["_pitome_layer"]
+        state.enter_block(layer, hidden_states)
+        mask = _layer_mask(state, attention_mask, hidden_states)
+        attention_output, _ = self.attention(hidden_states, attention_mask=mask, **kwargs)
+        x = self.sa_layer_norm(attention_output + hidden_states)
+        _prepare_metric(self, state, layer, hidden_states, mask)
+        x = state.merge(layer, x, hidden_metric=x)
+        ffn_output = _feed_forward(self.ffn.ff_chunk, self.ffn.chunk_size_feed_forward, x)
+        return self.output_layer_norm(ffn_output + x)
+
+
+# --- per forward ----------------------------------------------------------------------------------------------
+
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _inputs(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(input_ids, attention_mask, inputs_embeds) from the call, whatever was passed positionally."""
+    cls = type(model).__dict__["_pitome_original_class"]
+    if cls not in _SIGNATURES:
+        _SIGNATURES[cls] = inspect.signature(cls.forward)
+    bound = _SIGNATURES[cls].bind_partial(model, *args, **kwargs).arguments
+    return bound.get("input_ids"), bound.get("attention_mask"), bound.get("inputs_embeds")
+
+
+def _padding_state(input_ids: Optional[Tensor], attention_mask: Optional[Tensor],
+                   inputs_embeds: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(valid, frozen): the 2-D padding mask, and the last real token of each sequence ([SEP] / </s>)."""
+    if input_ids is not None:
+        shape, device = tuple(input_ids.shape[:2]), input_ids.device
+    elif inputs_embeds is not None:
+        shape, device = tuple(inputs_embeds.shape[:2]), inputs_embeds.device
+    else:
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if attention_mask is None:
+        valid = torch.ones(shape, dtype=torch.bool, device=device)
+    else:
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != shape:
+            raise ValueError(
+                f"pitome: a patched text model needs a 2-D padding attention_mask of shape {shape} (1 = token, "
+                f"0 = padding), got shape {tuple(attention_mask.shape)}; custom 3-D / 4-D masks are not supported"
+            )
+        valid = attention_mask.to(device) != 0
+    if shape[1] > 0 and not bool(valid[:, 0].all()):
+        raise ValueError(
+            "pitome: every sequence must start with a real token ([CLS] / <s>): use right padding "
+            "(tokenizer.padding_side = 'right') and no empty sequences"
+        )
+    count = valid.sum(dim=1, keepdim=True)
+    frozen = valid & (valid.long().cumsum(dim=1) == count)
+    return valid, frozen
+
+
+def _unmerge_output(out: Any, source: Tensor) -> Any:
+    """Copy each merged token back to every original position it holds (token-level heads)."""
+    first = out[0]
+    full = first.gather(1, source.clamp_min(0).unsqueeze(-1).expand(-1, -1, first.shape[-1]))
+    if isinstance(out, tuple):
+        return (full,) + tuple(out[1:])
+    out.last_hidden_state = full
+    return out
+
+
+class _PatchedTextModel:
+    """Mixin for the base model (BertModel, DistilBertModel, ...): a fresh merge state per forward."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        input_ids, attention_mask, inputs_embeds = _inputs(self, args, kwargs)
+        check_attention_backend(self.config, type(self).__name__)
+        if self.training and getattr(self, "is_gradient_checkpointing", False):
+            raise ValueError("pitome: gradient checkpointing is not supported while merging; call "
+                             "model.gradient_checkpointing_disable() or unpatch")
+        device = (input_ids if input_ids is not None else inputs_embeds).device if (
+            input_ids is not None or inputs_embeds is not None) else None
+        with activate(self._pitome_key, self._pitome_settings, device) as (state, owner):
+            unmerge = self.__dict__.get("_pitome_unmerge", False)
+            if owner:
+                state.valid, state.frozen = _padding_state(input_ids, attention_mask, inputs_embeds)
+                if unmerge:
+                    n = state.valid.shape[1]
+                    state.source = torch.arange(n, device=state.valid.device).expand(state.valid.shape[0], n)
+            out = super().forward(*args, **kwargs)
+            state.final_tokens = out[0].shape[1]
+            if owner:
+                self.__dict__["_pitome_last"] = state.info()
+                if unmerge and state.source is not None and state.merged:
+                    out = _unmerge_output(out, state.source)
+            return out
+
+
+class _PatchedTaskModel:
+    """Mixin for a task model around the base model: makes ``pitome.info`` work on the model the user holds."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.__dict__.pop("_pitome_last", None)
+        out = super().forward(*args, **kwargs)
+        last = self.base_model.__dict__.get("_pitome_last")
+        if last is not None:
+            self.__dict__["_pitome_last"] = last
+        return out
+
+
+# --- the adapter ------------------------------------------------------------------------------------------------
+
+class HFTextAdapter(Adapter):
+    name = "hf_text"
+    supports = (f"Hugging Face text encoders with transformers {SUPPORTED_TRANSFORMERS} and attn_implementation "
+                f"'sdpa' or 'eager': {', '.join(BERT_LIKE_MODELS + DISTILBERT_MODELS)} and their task models "
+                f"(...ForSequenceClassification, ...ForTokenClassification, ...ForQuestionAnswering, "
+                f"...ForMultipleChoice, ...ForMaskedLM); encoders only (no is_decoder / cross-attention)")
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return _find_base(model) is not None
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(_layers(_find_base(model)))
+
+    def num_protected(self, model: nn.Module) -> int:
+        return 1
+
+    def _check(self, model: nn.Module, base: nn.Module, family: str) -> None:
+        require_transformers()
+        config = base.config
+        if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is configured as a decoder (is_decoder / add_cross_attention); pitome merges "
+                f"tokens in bidirectional encoders only. Supported: {self.supports}"
+            )
+        check_attention_backend(config, type(model).__name__)
+        for index, layer in enumerate(_layers(base)):
+            missing = [p for p in _REQUIRED[family] if not _has_path(layer, p)]
+            if missing:
+                raise UnsupportedModelError(
+                    f"layer {index} ({type(layer).__name__}) lacks {missing}; this transformers layout is not "
+                    f"supported. Supported: {self.supports}"
+                )
+
+    def patch(self, model: nn.Module, settings: MergeSettings) -> None:
+        base = _find_base(model)
+        family = _family(base)
+        self._check(model, base, family)
+        key = RootKey()
+        for module in {id(model): model, id(base): base}.values():
+            module.__dict__["_pitome_key"] = key
+            module.__dict__["_pitome_settings"] = settings
+        base.__dict__["_pitome_unmerge"] = any(type(model).__name__.endswith(s) for s in TOKEN_LEVEL_HEADS)
+        want_keys = settings.config.metric == "keys" or settings.needs_attention
+        for index, layer in enumerate(_layers(base)):
+            _, key_proj, _, _ = _attention_parts(layer, family)
+            for module in (layer, key_proj):
+                module.__dict__["_pitome_key"] = key
+                module.__dict__["_pitome_layer"] = index
+            layer.__dict__["_pitome_family"] = family
+            if want_keys and settings.layers[index].merges:
+                key_proj.register_forward_hook(_capture_key_projection)
+            swap_class(layer, _PatchedDistilBertBlock if family == "distilbert" else _PatchedBertLayer)
+        swap_class(base, _PatchedTextModel)
+        if model is not base:
+            swap_class(model, _PatchedTaskModel)
+        register_output_capture(model)
+
+    def unpatch(self, model: nn.Module) -> None:
+        for module in model.modules():
+            for attr in _EXTRA_ATTRS:
+                module.__dict__.pop(attr, None)
+        super().unpatch(model)
