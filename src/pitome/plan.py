@@ -25,11 +25,26 @@ class MergePlan:
              with size 0, which only happens when samples of a batch merge different amounts).
     weight:  optional (B, N) non-negative extra merge weight per token (multiplies the size), for
              baselines that average with other weights than sizes.
+    norm:    None, or 'max': every slot with two or more members is rescaled after averaging to the
+             largest norm among its members (norm-preserving merge, ToFu's MLERP).
+    mix:     optional dense (B or 1, num_out, N) linear map, for reductions that are not assignments
+             (DCT). When present it replaces the assignment in merge / sum / any / unmerge:
+             merge = mix @ x (sizes and weights do not enter the features); sum = P @ t with
+             P = |mix| normalised per input column, so each input's size is shared among the outputs in
+             proportion to |mix| and totals are preserved; any = (P @ mask) > 0; unmerge = pinv(mix) @ y.
+             ``assign`` then holds argmax_j |mix[j, i]| (-1 for an all-zero column): the output each
+             input contributes most to, which is what source maps record.
     """
 
     assign: Tensor
     num_out: int
     weight: Optional[Tensor] = None
+    norm: Optional[str] = None
+    mix: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.norm not in (None, "max"):
+            raise ValueError(f"norm must be None or 'max', got {self.norm!r}")
 
     @property
     def num_in(self) -> int:
@@ -45,10 +60,18 @@ class MergePlan:
         """Sum of the members of each slot. t: (B, N, C) or (B, N)."""
         squeeze = t.dim() == 2
         t3 = t.unsqueeze(-1) if squeeze else t
+        if self.mix is not None:
+            out = self._mass().to(t3.dtype) @ t3
+            return out.squeeze(-1) if squeeze else out
         out = t3.new_zeros(t3.shape[0], self.num_out + 1, t3.shape[-1])
         out.scatter_add_(1, self._index(t3.shape[-1]), t3)
         out = out[:, : self.num_out]
         return out.squeeze(-1) if squeeze else out
+
+    def _mass(self) -> Tensor:
+        """|mix| with every input column summing to 1 (all-zero columns stay zero), in float32."""
+        mass = self.mix.abs().float()
+        return mass / mass.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
     def any(self, mask: Tensor) -> Tensor:
         """A slot is set if any member is set (padding masks: a merged token is valid if any member is)."""
@@ -60,18 +83,35 @@ class MergePlan:
         x: (B, N, C); size: (B, N) float32. Weights are the sizes (size_weighted) or 1 per token,
         times ``weight`` if the plan has one. Empty slots get zeros.
         """
+        if self.mix is not None:
+            return self.mix.to(x.dtype) @ x, self.sum(size)
         w = size if size_weighted else torch.ones_like(size)
         if self.weight is not None:
             w = w * self.weight
         total = self.sum(w)
         num = self.sum(x * w.to(x.dtype).unsqueeze(-1))
         out = num / total.clamp_min(torch.finfo(torch.float32).tiny).to(x.dtype).unsqueeze(-1)
+        if self.norm == "max":
+            out = self._rescale_to_max_norm(x, out)
         return out, self.sum(size)
+
+    def _rescale_to_max_norm(self, x: Tensor, out: Tensor) -> Tensor:
+        """Scale each slot with >= 2 members to its largest member norm (fp32 norms)."""
+        norms = x.float().norm(dim=-1)
+        idx = torch.where(self.assign < 0, self.num_out, self.assign)
+        largest = norms.new_zeros(norms.shape[0], self.num_out + 1).scatter_reduce(1, idx, norms, "amax")
+        count = self.sum(torch.ones_like(norms))
+        current = out.float().norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+        factor = torch.where(count > 1, largest[:, : self.num_out] / current, torch.ones_like(current))
+        return out * factor.to(out.dtype).unsqueeze(-1)
 
     def unmerge(self, y: Tensor) -> Tensor:
         """Copy every output token back to each input position it came from (zeros where dropped)."""
         squeeze = y.dim() == 2
         y3 = y.unsqueeze(-1) if squeeze else y
+        if self.mix is not None:
+            out = torch.linalg.pinv(self.mix.float()).to(y3.dtype) @ y3
+            return out.squeeze(-1) if squeeze else out
         idx = self.assign.clamp_min(0).unsqueeze(-1).expand(-1, -1, y3.shape[-1])
         out = y3.gather(1, idx)
         out = out.masked_fill((self.assign < 0).unsqueeze(-1), 0)

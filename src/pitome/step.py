@@ -77,6 +77,7 @@ class ForwardState:
     source: Optional[Tensor] = None
     metric: Optional[Tensor] = None
     attention: Optional[Tensor] = None
+    query: Optional[Tensor] = None  # queries held between an adapter's q and k hooks (attention baselines)
     tokens_per_layer: list[int] = field(default_factory=list)
     source_history: list[tuple[int, Tensor]] = field(default_factory=list)
     generator: Optional[torch.Generator] = None

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MergeSettings
-from ..step import RootKey, activate
+from ..step import ForwardState, RootKey, activate
 from .base import Adapter, UnsupportedModelError, pitome_hook, root_state, swap_class
 
 __all__ = ["TimmViTAdapter"]
@@ -33,6 +33,43 @@ def _capture_keys(module: nn.Module, args: tuple, output: Tensor) -> None:
     state = root_state(module)
     if state is not None and state.wants_keys(module.__dict__["_pitome_layer"]):
         state.metric = output.mean(dim=1)  # (B, heads, N, d) -> (B, N, d)
+
+
+def _attention_mode(state: "ForwardState", layer: int) -> Optional[str]:
+    """'cls' / 'mean' when this layer's algorithm ranks tokens by attention, else None."""
+    spec = state.settings.layers[layer]
+    if not (state.settings.needs_attention and spec.merges and spec.algorithm.needs_attention):
+        return None
+    return spec.algorithm.attention_from if state.settings.num_protected > 0 else "mean"
+
+
+@pitome_hook
+def _capture_queries(module: nn.Module, args: tuple, output: Tensor) -> None:
+    state = root_state(module)
+    if state is not None and _attention_mode(state, module.__dict__["_pitome_layer"]) is not None:
+        state.query = output  # (B, heads, N, d) after q_norm
+
+
+@pitome_hook
+def _capture_attention(module: nn.Module, args: tuple, output: Tensor) -> None:
+    """Attention probabilities for [CLS]-attention baselines, beside the (possibly fused) attention.
+
+    softmax(q k^T / sqrt(d) + bias) for the class-token row only ('cls'), or for every row averaged
+    ('mean'), then averaged over heads: (B, N) float32 in ``state.attention``.
+    """
+    state = root_state(module)
+    if state is None or state.query is None:
+        return
+    mode = _attention_mode(state, module.__dict__["_pitome_layer"])
+    query, state.query = state.query, None
+    if mode is None:
+        return
+    q = query[:, :, :1] if mode == "cls" else query
+    logits = (q.float() @ output.float().transpose(-2, -1)) * output.shape[-1] ** -0.5
+    bias = state.size_bias(torch.float32)
+    if bias is not None:
+        logits = logits + bias
+    state.attention = logits.softmax(dim=-1).mean(dim=(1, 2))
 
 
 class _PatchedBlock:
@@ -112,7 +149,7 @@ class TimmViTAdapter(Adapter):
         for index, block in enumerate(model.blocks):
             missing = [p for p in _BLOCK_PARTS if not hasattr(block, p)]
             attn = getattr(block, "attn", None)
-            if missing or not all(hasattr(attn, a) for a in ("qkv", "k_norm", "num_heads")):
+            if missing or not all(hasattr(attn, a) for a in ("qkv", "q_norm", "k_norm", "num_heads")):
                 raise UnsupportedModelError(
                     f"block {index} is a {type(block).__name__} (attention {type(attn).__name__}); pitome supports "
                     f"timm's pre-norm Block with the standard Attention (parts {', '.join(_BLOCK_PARTS)}; "
@@ -137,5 +174,11 @@ class TimmViTAdapter(Adapter):
             k_norm.__dict__["_pitome_layer"] = index
             if settings.config.metric == "keys" and settings.layers[index].merges:
                 k_norm.register_forward_hook(_capture_keys)
+            if settings.needs_attention and settings.layers[index].merges:
+                q_norm = block.attn.q_norm
+                q_norm.__dict__["_pitome_key"] = key
+                q_norm.__dict__["_pitome_layer"] = index
+                q_norm.register_forward_hook(_capture_queries)
+                k_norm.register_forward_hook(_capture_attention)
             swap_class(block, _PatchedBlock)
         swap_class(model, _PatchedViT)

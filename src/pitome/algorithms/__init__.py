@@ -24,6 +24,18 @@ def register(cls: type[MergeAlgorithm]) -> type[MergeAlgorithm]:
 for _cls in (PiToMe, PiToMeText, PiToMeBSM, ToMe):
     register(_cls)
 
+from .crossget import CrossGET  # noqa: E402  baselines and reference points (issue 6)
+from .dct import DCT  # noqa: E402
+from .diffrate import DiffRate  # noqa: E402
+from .evit import EViT  # noqa: E402
+from .kth import KthSplit  # noqa: E402
+from .mctf import MCTF  # noqa: E402
+from .random_merge import RandomMerge  # noqa: E402
+from .tofu import ToFu  # noqa: E402
+
+for _cls in (ToFu, DCT, DiffRate, MCTF, CrossGET, RandomMerge, KthSplit, EViT):
+    register(_cls)
+
 
 def available_algorithms() -> list[str]:
     return sorted(ALGORITHMS)

@@ -26,7 +26,7 @@ class MergeRequest:
     frozen:        (B, T) bool, real tokens that must stay as they are (e.g. [SEP] / EOS).
     size:          (B, T) float32 current token sizes (for algorithms that weigh by size).
     attention:     (B, N) float attention received from the class token, averaged over heads
-                   (only for algorithms with ``needs_attention``).
+                   (only for algorithms with ``needs_attention``; see ``attention_from``).
     layer, num_layers: position of this layer in the model (for per-layer schedules such as margins).
     generator:     random generator for randomised baselines.
     """
@@ -75,6 +75,9 @@ class MergeAlgorithm:
 
     name: ClassVar[str] = ""
     needs_attention: ClassVar[bool] = False
+    # with needs_attention: 'cls' = attention paid by token 0 (the class token); 'mean' = attention received,
+    # averaged over all query tokens (adapters use 'mean' for models without a leading protected token)
+    attention_from: ClassVar[str] = "cls"
     summary: ClassVar[str] = ""
 
     def plan(self, request: MergeRequest) -> MergePlan:  # pragma: no cover - interface
@@ -83,6 +86,11 @@ class MergeAlgorithm:
     def max_removable(self, candidates: "Tensor | int") -> "Tensor | int":
         """Largest r per sample given the count of candidate tokens; bipartite schemes allow half."""
         return candidates // 2
+
+    def merge_macs(self, tokens: int, dim: int) -> int:
+        """Multiply-accumulates of one merge step on ``tokens`` mergeable tokens with metric width ``dim``,
+        for FLOPs accounting (``pitome.flops``); default: bipartite matching, a ceil(T/2) x floor(T/2) similarity."""
+        return ((tokens + 1) // 2) * (tokens // 2) * dim
 
     @classmethod
     def option_names(cls) -> list[str]:
