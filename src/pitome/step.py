@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -20,7 +22,8 @@ from .config import MergeSettings
 from .plan import MergePlan
 from .schedule import capped
 
-__all__ = ["ForwardState", "MergeInfo", "RootKey", "activate", "current_state", "record_merges"]
+__all__ = ["ForwardState", "MergeInfo", "RootKey", "activate", "current_state", "record_merges",
+           "MergeTimer", "merge_timing"]
 
 
 class RootKey:
@@ -32,6 +35,60 @@ class RootKey:
 _ACTIVE: contextvars.ContextVar[dict] = contextvars.ContextVar("pitome_active_states", default={})
 # Optional observer of every merge step (spectral analysis, visualisation); None = off, one lookup per step.
 _RECORDER: contextvars.ContextVar[Optional[Callable[..., None]]] = contextvars.ContextVar("pitome_recorder", default=None)
+# Optional merge-overhead timer (``merge_timing``, used by benchmarks); None = off, one lookup per plan / apply.
+_TIMER: contextvars.ContextVar[Optional["MergeTimer"]] = contextvars.ContextVar("pitome_timer", default=None)
+
+
+class MergeTimer:
+    """Seconds spent in ``ForwardState.plan`` / ``apply`` (the merge steps) while ``merge_timing`` is active.
+
+    On CUDA / MPS each timed call synchronises before and after, so the time is the merge's own work.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        _synchronize(device)
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        _synchronize(device)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
+def _synchronize(device: Optional[torch.device]) -> None:
+    if device is None:
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Time a merge-step method when a ``merge_timing`` context is active; a plain call otherwise."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        timer = _TIMER.get()
+        return fn(*args, **kwargs) if timer is None else timer.call(fn, *args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def merge_timing() -> Iterator[MergeTimer]:
+    """Accumulate the time spent in merge steps (plan + apply) of forwards run inside this context."""
+    timer = MergeTimer()
+    token = _TIMER.set(timer)
+    try:
+        yield timer
+    finally:
+        _TIMER.reset(token)
 
 
 @dataclass
@@ -126,6 +183,7 @@ class ForwardState:
             return x
         return self.apply(layer, plan, x)
 
+    @_timed
     def plan(self, layer: int, x: Tensor, metric: Tensor) -> Optional[MergePlan]:
         spec = self.settings.layers[layer]
         h = self.settings.num_protected
@@ -167,6 +225,7 @@ class ForwardState:
             )
             return spec.algorithm.plan(request)
 
+    @_timed
     def apply(self, layer: int, plan: MergePlan, x: Tensor) -> Tensor:
         size = self.size if self.size is not None else torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)
         x, self.size = plan.merge(x, size, self.settings.config.size_weighted)

@@ -41,20 +41,45 @@ def energy_scores(
     paper:    Eq. (4): S if S >= m else alpha * (exp(S - m) - 1).
     gaussian: exp(-((1 - S) / sigma)^2 / 2) with sigma = 1 - m (official text variant; the constant
               factor 1 / (sigma sqrt(2 pi)) is dropped since it does not change the ranking).
+
+    Speed and memory: f is built in place in one temporary of sim's shape (not one per operation), and for
+    long sequences (T >= ENERGY_CHUNK_TOKENS) row chunks bound that temporary to ~ENERGY_CHUNK_ELEMENTS.
     """
-    if kind == "elu":
-        f = F.elu(sim - margin, alpha=alpha)
-    elif kind == "paper":
-        f = torch.where(sim >= margin, sim, alpha * torch.expm1(sim - margin))
-    elif kind == "gaussian":
-        sigma = 1.0 - margin
-        f = torch.exp(-0.5 * ((1.0 - sim) / sigma) ** 2)
-    else:
+    if kind not in ENERGIES:
         raise ValueError(f"energy must be one of {ENERGIES}, got {kind!r}")
-    if valid is None:
+    w = None if valid is None else valid.to(sim.dtype)
+    rows, tokens = sim.shape[-2], sim.shape[-1]
+    if tokens < ENERGY_CHUNK_TOKENS:
+        return _energy_rows(sim, margin, kind, alpha, w)
+    step = max(1, ENERGY_CHUNK_ELEMENTS // max(1, sim.shape[0] * tokens))
+    parts = [_energy_rows(sim[:, i : i + step], margin, kind, alpha, w) for i in range(0, rows, step)]
+    return torch.cat(parts, dim=-1)
+
+
+ENERGY_CHUNK_TOKENS = 4096
+ENERGY_CHUNK_ELEMENTS = 1 << 24
+
+
+def _energy_rows(sim: Tensor, margin: float, kind: str, alpha: float, w: Optional[Tensor]) -> Tensor:
+    """energy_scores on a block of rows; same operations, in the same order, as the plain formulas."""
+    if sim.requires_grad and torch.is_grad_enabled():  # differentiable use: no in-place operations
+        f = {"elu": lambda: F.elu(sim - margin, alpha=alpha),
+             "paper": lambda: torch.where(sim >= margin, sim, alpha * torch.expm1(sim - margin)),
+             "gaussian": lambda: torch.exp(-0.5 * ((1.0 - sim) / (1.0 - margin)) ** 2)}[kind]()
+        return f.mean(dim=-1) if w is None else (f * w.unsqueeze(1)).sum(dim=-1) / w.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    if kind == "elu":
+        f = sim - margin
+        F.elu(f, alpha=alpha, inplace=True)
+    elif kind == "paper":
+        f = sim - margin
+        f.expm1_().mul_(alpha)
+        torch.where(sim >= margin, sim, f, out=f)
+    else:
+        f = 1.0 - sim
+        f.div_(1.0 - margin).pow_(2).mul_(-0.5).exp_()
+    if w is None:
         return f.mean(dim=-1)
-    w = valid.to(f.dtype)
-    return (f * w.unsqueeze(1)).sum(dim=-1) / w.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    return f.mul_(w.unsqueeze(1)).sum(dim=-1) / w.sum(dim=-1, keepdim=True).clamp_min(1.0)
 
 
 @dataclass
@@ -97,6 +122,10 @@ class PiToMe(MergeAlgorithm):
             raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
         if self.margin_decay is not None and not math.isfinite(self.margin_decay):
             raise ValueError(f"margin_decay must be a finite number or None, got {self.margin_decay!r}")
+
+    def merge_macs(self, tokens: int, dim: int) -> int:
+        """The full T x T similarity of the mergeable tokens (FLOPs accounting, see ``pitome.flops``)."""
+        return tokens * tokens * dim
 
     def layer_margin(self, layer: int, num_layers: int) -> float:
         decay = self.margin if self.margin_decay is None else self.margin_decay
