@@ -5,13 +5,17 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, UnsupportedModelError
+from .hf_clip import HFClipAdapter, HFClipTextAdapter
+from .hf_llava import HFLlavaAdapter
 from .hf_text import HFTextAdapter
+from .hf_vision import HFViTAdapter
 from .timm_vit import TimmViTAdapter
 
 __all__ = ["Adapter", "UnsupportedModelError", "ADAPTERS", "find_adapter", "register_adapter"]
 
 ADAPTERS: list[type[Adapter]] = [TimmViTAdapter]
 ADAPTERS.append(HFTextAdapter)
+ADAPTERS.extend([HFViTAdapter, HFClipAdapter, HFClipTextAdapter, HFLlavaAdapter])
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..config import MergeSettings
 from ..step import ForwardState, RootKey, activate
 from .base import ATTRS, Adapter, UnsupportedModelError, pitome_hook, remove_hooks, restore_class, root_state, swap_class
-from .hf_common import (SUPPORTED_TRANSFORMERS, additive_mask, check_attention_backend, class_names,
+from .hf_common import (SUPPORTED_TRANSFORMERS, additive_mask, as_additive, check_attention_backend, class_names,
                         first_token_attention, register_output_capture, require_transformers, split_heads_mean)
 
 __all__ = ["HFViTAdapter", "VISION_MODELS"]
@@ -100,23 +100,43 @@ def layer_mask(state: ForwardState, attention_mask: Optional[Tensor], x: Tensor)
     return additive_mask(state.valid, state.size_bias(x.dtype), x.dtype, shape=tuple(x.shape[:2]))
 
 
+def attention_mode(state: ForwardState, layer: int) -> Optional[str]:
+    """'cls' / 'mean' when this layer's algorithm ranks tokens by attention, else None (as the timm adapter)."""
+    spec = state.settings.layers[layer]
+    if not (state.settings.needs_attention and spec.merges and spec.algorithm.needs_attention):
+        return None
+    return getattr(spec.algorithm, "attention_from", "cls") if state.settings.num_protected > 0 else "mean"
+
+
+def received_attention(queries: Tensor, keys: Tensor, heads: int, scaling: float, mask: Optional[Tensor]) -> Tensor:
+    """(B, N) attention each token receives, averaged over heads and over all query tokens, in float32."""
+    batch, tokens, width = keys.shape
+    q = queries.float().view(batch, -1, heads, width // heads).transpose(1, 2)
+    k = keys.float().view(batch, tokens, heads, width // heads).transpose(1, 2)
+    logits = (q @ k.transpose(-1, -2)) * scaling
+    mask = as_additive(mask, torch.float32)
+    if mask is not None:
+        logits = logits + mask.float()
+    return logits.softmax(dim=-1).mean(dim=(1, 2))
+
+
 def prepare_metric(state: ForwardState, layer: int, attn: nn.Module, normed: Tensor, mask: Optional[Tensor]) -> None:
-    """Turn the captured key projection into the keys metric, and class-token attention if the algorithm wants it."""
+    """Turn the captured key projection into the keys metric, and token attention if the algorithm wants it."""
     raw = state.metric
     state.metric = None
     if not state.layer_merges(layer):
         return
     heads = num_heads(attn)
-    if state.settings.layers[layer].algorithm.needs_attention:
-        if state.settings.num_protected < 1:
-            raise NotImplementedError(
-                "pitome: this model has no class token, so algorithms that rank tokens by class-token attention "
-                "cannot run on it; choose e.g. 'pitome' or 'tome'"
-            )
+    mode = attention_mode(state, layer)
+    if mode is not None:
         if raw is None:
             raise RuntimeError("pitome: the key projection was not captured; re-patch the model")
         with torch.no_grad():
-            state.attention = first_token_attention(attn.q_proj(normed[:, :1]), raw, heads, attention_scaling(attn), mask)
+            if mode == "cls":
+                state.attention = first_token_attention(attn.q_proj(normed[:, :1]), raw, heads,
+                                                        attention_scaling(attn), mask)
+            else:
+                state.attention = received_attention(attn.q_proj(normed), raw, heads, attention_scaling(attn), mask)
     if state.settings.config.metric == "keys" and raw is not None:
         state.metric = split_heads_mean(raw, heads)
 
@@ -271,16 +291,20 @@ class _Dinov2Layer:
         return after_layer(state, out)
 
 
-class _Encoder(RootMixin):
+class EncoderRoot(RootMixin):
+    """An encoder model (its last_hidden_state is what heads pool)."""
+
     _pitome_encoder = True
 
 
-class _MeanPoolHead(RootMixin):
+class MeanPoolRoot(RootMixin):
+    """A head model that mean-pools the encoder's tokens."""
+
     _pitome_mean_pool = True
 
 
-class _ClsHead(RootMixin):
-    pass
+class ClsRoot(RootMixin):
+    """A head model that reads protected tokens only (class / distillation token)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,9 +403,9 @@ class HFViTAdapter(Adapter):
             check_layer(index, layer, family.layer_parts)
         key = RootKey()
         patch_layers(layers, "attention", family.layer_mixin, key, settings)
-        bind_root(encoder, key, settings, _Encoder)
+        bind_root(encoder, key, settings, EncoderRoot)
         if encoder is not model:
-            bind_root(model, key, settings, _MeanPoolHead if family.mean_pool else _ClsHead)
+            bind_root(model, key, settings, MeanPoolRoot if family.mean_pool else ClsRoot)
         register_output_capture(model)
 
     def unpatch(self, model: nn.Module) -> None:
