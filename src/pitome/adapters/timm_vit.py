@@ -174,7 +174,7 @@ class TimmViTAdapter(Adapter):
             k_norm.__dict__["_pitome_layer"] = index
             if settings.config.metric == "keys" and settings.layers[index].merges:
                 k_norm.register_forward_hook(_capture_keys)
-            if settings.needs_attention and settings.layers[index].merges:
+            if settings.layers[index].merges and settings.layers[index].algorithm.needs_attention:
                 q_norm = block.attn.q_norm
                 q_norm.__dict__["_pitome_key"] = key
                 q_norm.__dict__["_pitome_layer"] = index
