@@ -39,10 +39,9 @@ def patch(
                arguments override the preset.
     options:   algorithm options (e.g. margin, margin_decay, alpha, energy, split, matching); a list
                gives one value per block.
-    Patching a patched model reconfigures it (it is unpatched first, never wrapped twice).
+    Patching a patched model reconfigures it (it is unpatched first, never wrapped twice); invalid
+    arguments raise before anything changes, so the previous patch stays in place.
     """
-    if is_patched(model):
-        unpatch(model)
     adapter = find_adapter(model)
     num_layers = adapter.num_layers(model)
     config = build_config(
@@ -50,13 +49,15 @@ def patch(
         size_weighted=size_weighted, metric=metric, trace_source=trace_source, seed=seed, **options,
     )
     merge_settings = resolve(config, num_layers, adapter.num_protected(model))
+    if is_patched(model):
+        unpatch(model)
     adapter.patch(model, merge_settings)
     model.__dict__["_pitome_adapter"] = adapter
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
-    return "_pitome_adapter" in model.__dict__
+    return "_pitome_adapter" in getattr(model, "__dict__", {})
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -81,7 +82,7 @@ def patched(model: nn.Module, *args: Any, **kwargs: Any) -> Iterator[nn.Module]:
         unpatch(model)
         if previous is not None:
             c = previous.config
-            patch(model, c.algorithm, c.ratio, c.r, layers=c.layers, prop_attn=c.prop_attn,
+            patch(model, c.algorithm, c.ratio, c.r, preset=c.preset, layers=c.layers, prop_attn=c.prop_attn,
                   size_weighted=c.size_weighted, metric=c.metric, trace_source=c.trace_source, seed=c.seed,
                   **c.options)
 
