@@ -1,0 +1,180 @@
+"""Algorithms x budgets in one run, compared at equal FLOPs.
+
+PiToMe and the registered baselines take the same per-layer keep-ratio (identical token counts, as in the
+paper's comparisons); ToMe by default keeps its own fixed-r schedule with the r whose FLOPs come closest to
+the keep-ratio's (``tome_budget="r"``), or takes the keep-ratio too (``tome_budget="ratio"``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from ..flops import EncoderShape, encoder_macs
+from ..schedule import predict_token_counts, resolve_budgets
+from .base import Task
+from .distributed import DistContext
+from .engine import MergeSpec, PassResult, run_pass
+
+__all__ = ["default_algorithms", "build_specs", "match_r", "run_sweep", "VARIANTS"]
+
+# PiToMe variants are options of PiToMe, not baselines: a default sweep does not list them separately.
+VARIANTS = ("pitome_text", "pitome_bsm")
+
+
+def default_algorithms(text: bool = False) -> list[str]:
+    """PiToMe (the text variant for text models), ToMe, then every other registered algorithm."""
+    import pitome
+
+    first = ["pitome_text" if text else "pitome", "tome"]
+    others = [a for a in pitome.available_algorithms() if a not in first and a not in VARIANTS and a != "pitome"]
+    return first + others
+
+
+def build_specs(
+    algorithms: Sequence[str],
+    ratios: Sequence[float],
+    tome_budget: str = "r",
+    include_unmerged: bool = True,
+    common: Optional[dict] = None,
+    per_algorithm: Optional[dict[str, dict]] = None,
+) -> list[MergeSpec]:
+    """The unmerged model, then every algorithm at every keep-ratio (ToMe: FLOPs-matched r by default)."""
+    if tome_budget not in ("r", "ratio"):
+        raise ValueError(f"tome_budget must be 'r' (ToMe's fixed r at equal FLOPs) or 'ratio', got {tome_budget!r}")
+    for ratio in ratios:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(f"keep-ratios must be numbers in (0, 1], got {ratio!r}")
+    import pitome
+
+    known = pitome.available_algorithms()
+    for name in algorithms:
+        if name not in known:
+            raise ValueError(f"unknown algorithm {name!r}; available: {', '.join(known)}")
+    specs = [MergeSpec.make(None)] if include_unmerged else []
+    for name in algorithms:
+        kwargs = {**(common or {}), **((per_algorithm or {}).get(name, {}))}
+        for ratio in ratios:
+            if name == "tome" and tome_budget == "r":
+                specs.append(MergeSpec.make(name, match_ratio=float(ratio), **kwargs))
+            else:
+                specs.append(MergeSpec.make(name, ratio=float(ratio), **kwargs))
+    return specs
+
+
+def _mean_macs(shape: EncoderShape, budgets: list, lengths: Sequence[int], protected: int) -> float:
+    unique, counts = torch.unique(torch.as_tensor(list(lengths)), return_counts=True)
+    total = sum(int(c) * encoder_macs(shape, predict_token_counts(budgets, int(n), protected))
+                for n, c in zip(unique.tolist(), counts.tolist()))
+    return total / len(lengths)
+
+
+def match_r(shape: EncoderShape, num_layers: int, num_protected: int, lengths: Sequence[int], ratio: float,
+            layers: Optional[Sequence[int]] = None) -> tuple[int, float, float]:
+    """The fixed r whose mean FLOPs over ``lengths`` (tokens per item) is closest to keep-ratio ``ratio``'s.
+
+    Returns (r, MACs at r, MACs at the ratio). Ties go to the smaller r.
+    """
+    target = _mean_macs(shape, resolve_budgets(num_layers, ratio=ratio, layers=layers), lengths, num_protected)
+    best = (0, math.inf, math.inf)
+    for r in range(0, max(lengths)):
+        macs = _mean_macs(shape, resolve_budgets(num_layers, r=r, layers=layers), lengths, num_protected)
+        gap = abs(macs - target)
+        if gap < best[2]:
+            best = (r, macs, gap)
+        if macs < target:  # FLOPs only fall as r grows
+            break
+    return best[0], best[1], target
+
+
+def _resolve(spec: MergeSpec, task: Task, lengths: Sequence[int]) -> MergeSpec:
+    import pitome
+
+    if spec.match_ratio is None or spec.r is not None:
+        return spec
+    shape = task.model.encoder_shape()
+    if shape is None:
+        raise ValueError(f"{task.name}: cannot read the model's widths, so FLOPs cannot be matched; give r")
+    options = {k: v for k, v in spec.options.items()}
+    with pitome.patched(task.model.target, spec.algorithm, r=0, **options):
+        settings = pitome.settings(task.model.target)
+        num_layers, protected = settings.num_layers, settings.num_protected
+        layers = [index for index, layer in enumerate(settings.layers) if layer.merges]
+    r, _, _ = match_r(shape, num_layers, protected, lengths, spec.match_ratio, layers)
+    return spec.with_r(r)
+
+
+def _lengths(task: Task, reference: Optional[PassResult]) -> list[int]:
+    lengths = task.lengths()
+    if lengths:
+        return list(lengths)
+    if reference is not None and reference.tokens_per_layer:
+        return [reference.tokens_per_layer[0]]
+    raise ValueError(f"{task.name}: no token count known for FLOPs matching; run the unmerged model first")
+
+
+def _row(task: Task, result: PassResult, reference: Optional[PassResult], metrics: dict) -> dict[str, Any]:
+    spec = result.spec
+    row: dict[str, Any] = {
+        "task": task.name, "algorithm": spec.algorithm or "unmerged", "budget": spec.budget,
+        "ratio": spec.ratio, "r": spec.r if not isinstance(spec.r, tuple) else list(spec.r),
+        "matched_ratio": spec.match_ratio, "options": json.dumps(spec.options, sort_keys=True, default=str),
+        "items": result.items, "gflops": result.gflops, "items_per_s": result.items_per_s,
+    }
+    if reference is not None:
+        row["flops_ratio"] = result.gflops / reference.gflops if reference.gflops else math.nan
+        row["speedup"] = result.items_per_s / reference.items_per_s if reference.items_per_s else math.nan
+    row.update(metrics)
+    row["tokens_per_layer"] = result.tokens_per_layer
+    return row
+
+
+def run_sweep(
+    tasks: Sequence[Task],
+    specs: Union[Sequence[MergeSpec], Callable[[Task], Sequence[MergeSpec]]],
+    ctx: Optional[DistContext] = None,
+    progress: bool = False,
+    log: Optional[Callable[[str], None]] = None,
+    workers_note: str = "",
+) -> list[dict[str, Any]]:
+    """Every spec on every task; tasks with the same ``pass_key`` share passes. Returns one row per pair.
+
+    specs: one list for all tasks, or a function giving each task its list (e.g. PiToMe's text variant for text).
+
+    A spec that fails (e.g. a model the algorithm cannot patch) gives a row with ``error`` and the sweep goes on.
+    """
+    ctx = ctx or DistContext()
+    say = log or (lambda text: None)
+    passes: dict[tuple[str, MergeSpec], PassResult] = {}
+    references: dict[str, PassResult] = {}
+    rows: list[dict[str, Any]] = []
+    for task in tasks:
+        mine = specs(task) if callable(specs) else specs
+        for spec in sorted(mine, key=lambda s: s.merges):  # unmerged first: it is the task's reference
+            try:
+                if spec.match_ratio is not None and spec.r is None:
+                    spec = _resolve(spec, task, _lengths(task, references.get(task.pass_key)))
+                key = (task.pass_key, spec)
+                if key not in passes:
+                    start = time.perf_counter()
+                    passes[key] = run_pass(task.model, task.loader, task.batches, spec, ctx, progress,
+                                           desc=f"{task.name}: {spec.label}")
+                    say(f"  {task.pass_key}: {spec.label}: {passes[key].items} items, "
+                        f"{time.perf_counter() - start:.1f} s")
+                result = passes[key]
+                if not spec.merges:
+                    references.setdefault(task.pass_key, result)
+                reference = references.get(task.pass_key)
+                rows.append(_row(task, result, reference, task.metrics(result, reference)))
+            except (ValueError, TypeError, RuntimeError) as error:
+                warnings.warn(f"{task.name}: {spec.label} failed: {error}", stacklevel=2)
+                rows.append({"task": task.name, "algorithm": spec.algorithm or "unmerged", "budget": spec.budget,
+                             "ratio": spec.ratio, "matched_ratio": spec.match_ratio,
+                             "options": json.dumps(spec.options, sort_keys=True, default=str),
+                             "error": f"{type(error).__name__}: {error}"})
+    return rows
