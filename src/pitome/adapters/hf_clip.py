@@ -28,8 +28,8 @@ from ..step import ForwardState, RootKey, activate
 from .base import Adapter, UnsupportedModelError, pitome_hook, root_state
 from .hf_common import SUPPORTED_TRANSFORMERS, check_attention_backend, register_output_capture, require_transformers
 from .hf_vision import (NEEDS_SOURCE, ClsRoot, EncoderRoot, MeanPoolRoot, RootMixin, after_layer, bind_root,
-                        check_layer, check_no_checkpointing, class_names, layer_mask, model_device, patch_layers,
-                        prepare_metric, start_source, store_info, swap, tag, unmerge, unpatch_key)
+                        check_layer, check_no_checkpointing, class_names, layer_mask, model_device, original_name,
+                        patch_layers, prepare_metric, start_source, store_info, swap, tag, unmerge, unpatch_key)
 
 __all__ = ["HFClipAdapter", "HFClipTextAdapter", "VISION_TOWERS", "patch_vision_tower"]
 
@@ -201,7 +201,7 @@ def _tower_layers(tower: nn.Module) -> list[nn.Module]:
 
 def _check_tower(model: nn.Module, tower: nn.Module) -> list[nn.Module]:
     require_transformers()
-    check_attention_backend(tower.config, type(model).__name__)
+    check_attention_backend(tower.config, original_name(model))
     layers = _tower_layers(tower)
     for index, layer in enumerate(layers):
         check_layer(index, layer, _LAYER_PARTS)
@@ -238,27 +238,27 @@ class HFClipAdapter(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return type(model).__name__ in _VISION_ROOTS and "PreTrainedModel" in class_names(model)
+        return original_name(model) in _VISION_ROOTS and "PreTrainedModel" in class_names(model)
 
     def _tower(self, model: nn.Module) -> nn.Module:
-        attr = _VISION_ROOTS[type(model).__name__][0]
+        attr = _VISION_ROOTS[original_name(model)][0]
         return model if attr is None else getattr(model, attr)
 
     def num_layers(self, model: nn.Module) -> int:
         return len(_tower_layers(self._tower(model)))
 
     def num_protected(self, model: nn.Module) -> int:
-        return VISION_TOWERS[type(self._tower(model)).__name__]
+        return VISION_TOWERS[original_name(self._tower(model))]
 
     def patch(self, model: nn.Module, settings: MergeSettings) -> None:
         tower = self._tower(model)
-        if type(tower).__name__ not in VISION_TOWERS:
-            raise UnsupportedModelError(f"{type(model).__name__}.vision_model is a {type(tower).__name__}; "
+        if original_name(tower) not in VISION_TOWERS:
+            raise UnsupportedModelError(f"{original_name(model)}.vision_model is a {original_name(tower)}; "
                                         f"supported towers: {', '.join(VISION_TOWERS)}")
         key = RootKey()
         patch_vision_tower(model, tower, key, settings)
         if tower is not model:
-            bind_root(model, key, settings, _VISION_ROOTS[type(model).__name__][1])
+            bind_root(model, key, settings, _VISION_ROOTS[original_name(model)][1])
         register_output_capture(model)
 
     def unpatch(self, model: nn.Module) -> None:
@@ -275,10 +275,10 @@ class HFClipTextAdapter(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return type(model).__name__ in _TEXT_ROOTS and "PreTrainedModel" in class_names(model)
+        return original_name(model) in _TEXT_ROOTS and "PreTrainedModel" in class_names(model)
 
     def _tower(self, model: nn.Module) -> nn.Module:
-        attr = _TEXT_ROOTS[type(model).__name__]
+        attr = _TEXT_ROOTS[original_name(model)]
         return model if attr is None else getattr(model, attr)
 
     def num_layers(self, model: nn.Module) -> int:

@@ -27,7 +27,7 @@ from ..step import RootKey, current_state
 from .base import Adapter, UnsupportedModelError
 from .hf_clip import VISION_TOWERS, patch_vision_tower
 from .hf_common import SUPPORTED_TRANSFORMERS, register_output_capture
-from .hf_vision import RootMixin, bind_root, class_names, unpatch_key
+from .hf_vision import RootMixin, bind_root, class_names, original_name, unpatch_key
 
 __all__ = ["HFLlavaAdapter", "image_token_count", "LLAVA_MODELS"]
 
@@ -89,8 +89,7 @@ def image_token_count(model: nn.Module, image_size: Optional[Sequence[int]] = No
     tower = llava.vision_tower
     cfg = tower.config
     height, width = image_size if image_size is not None else (cfg.image_size, cfg.image_size)
-    tower_class = type(tower).__dict__.get("_pitome_original_class", type(tower))
-    tokens = (height // cfg.patch_size) * (width // cfg.patch_size) + VISION_TOWERS[tower_class.__name__]
+    tokens = (height // cfg.patch_size) * (width // cfg.patch_size) + VISION_TOWERS[original_name(tower)]
     layer = _feature_layers(llava)
     if not isinstance(layer, int):
         layer = min(_resolve(int(i), settings.num_layers) for i in layer)
@@ -296,12 +295,12 @@ class HFLlavaAdapter(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return type(model).__name__ in LLAVA_MODELS and "PreTrainedModel" in class_names(model)
+        return original_name(model) in LLAVA_MODELS and "PreTrainedModel" in class_names(model)
 
     def _tower(self, model: nn.Module) -> nn.Module:
         tower = _llava_model(model).vision_tower
-        if type(tower).__name__ not in VISION_TOWERS:
-            raise UnsupportedModelError(f"LLaVA vision tower {type(tower).__name__} is not supported; supported towers: "
+        if original_name(tower) not in VISION_TOWERS:
+            raise UnsupportedModelError(f"LLaVA vision tower {original_name(tower)} is not supported; supported towers: "
                                         f"{', '.join(VISION_TOWERS)}")
         return tower
 
@@ -309,7 +308,7 @@ class HFLlavaAdapter(Adapter):
         return len(self._tower(model).encoder.layers)
 
     def num_protected(self, model: nn.Module) -> int:
-        protected = VISION_TOWERS[type(self._tower(model)).__name__]
+        protected = VISION_TOWERS[original_name(self._tower(model))]
         if protected == 0 and _strategy(_llava_model(model)) == "default":
             return 1  # 'default' drops token 0: keep it the same token as without merging
         return protected

@@ -37,6 +37,11 @@ _UNMERGE_OUTPUT: contextvars.ContextVar[frozenset] = contextvars.ContextVar("pit
 
 # --- shared helpers ---------------------------------------------------------------------------------------
 
+def original_name(module: nn.Module) -> str:
+    """The class name of a module as transformers built it (also when pitome has swapped its class)."""
+    return type(module).__dict__.get("_pitome_original_class", type(module)).__name__
+
+
 def tag(module: nn.Module, key: RootKey, layer: Optional[int] = None) -> None:
     """Mark a module as part of the patched model ``key`` (every swapped or hooked module is tagged)."""
     module.__dict__["_pitome_key"] = key
@@ -373,11 +378,11 @@ class HFViTAdapter(Adapter):
 
     @classmethod
     def _family(cls, model: nn.Module) -> Optional[_Family]:
-        return _FAMILIES.get(type(model).__name__)
+        return _FAMILIES.get(original_name(model))
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        name = type(model).__name__
+        name = original_name(model)
         if name in _REFUSED and "PreTrainedModel" in class_names(model):
             raise UnsupportedModelError(f"pitome cannot patch {name}: {_REFUSED[name]}, which merged tokens "
                                         f"do not have; supported: {cls.supports}")
@@ -397,7 +402,7 @@ class HFViTAdapter(Adapter):
         require_transformers()
         family = self._family(model)
         encoder = self._encoder(model)
-        check_attention_backend(encoder.config, type(model).__name__)
+        check_attention_backend(encoder.config, original_name(model))
         layers = list(family.layers(encoder))
         for index, layer in enumerate(layers):
             check_layer(index, layer, family.layer_parts)
