@@ -249,3 +249,28 @@ def test_attn_mask_is_refused_while_patched(make_vit, images):
     pitome.patch(model, ratio=0.9)
     with pytest.raises(ValueError, match="attn_mask"):
         model.forward_features(images(1), attn_mask=torch.zeros(1, 1, 65, 65))
+
+
+@pytest.mark.parametrize("algorithm", ["pitome", "pitome_text", "pitome_bsm", "tome"])
+def test_every_core_algorithm_keeps_sizes_and_sources_consistent(algorithm, make_vit, images):
+    model = make_vit(reg_tokens=3)
+    pitome.patch(model, algorithm=algorithm, ratio=0.6, trace_source=True)
+    with torch.no_grad():
+        feats = model.forward_features(images(2))
+    info = pitome.info(model)
+    assert info.tokens_per_layer == [68, 43, 28, 19, 13] and feats.shape[1] == 13
+    torch.testing.assert_close(info.size.sum(1), torch.full((2,), 68.0))
+    assert torch.equal(info.size[:, :4], torch.ones(2, 4))
+    _assert_partition(info.source, 13, 4)
+    counts = torch.stack([torch.bincount(row, minlength=13) for row in info.source]).float()
+    torch.testing.assert_close(counts, info.size)
+
+
+def test_bfloat16_model_keeps_sizes_in_float32(make_vit, images):
+    model = make_vit().to(torch.bfloat16)
+    pitome.patch(model, ratio=0.8)
+    with torch.no_grad():
+        out = model(images(2).to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert pitome.info(model).size.dtype == torch.float32
+    torch.testing.assert_close(pitome.info(model).size.sum(1), torch.full((2,), 65.0))
