@@ -274,3 +274,22 @@ def test_bfloat16_model_keeps_sizes_in_float32(make_vit, images):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert pitome.info(model).size.dtype == torch.float32
     torch.testing.assert_close(pitome.info(model).size.sum(1), torch.full((2,), 65.0))
+
+
+def test_budgets_follow_the_token_count_of_each_input(make_vit, images):
+    model = make_vit(dynamic_img_size=True)
+    pitome.patch(model, ratio=0.9)
+    with torch.no_grad():
+        model(images(1, size=48))
+        assert pitome.info(model).tokens_per_layer == [37, 34, 31, 28, 26]
+        model(images(1, size=64))
+        assert pitome.info(model).tokens_per_layer == [65, 59, 54, 49, 45]
+
+
+def test_gradient_checkpointing_is_refused_while_merging(make_vit, images):
+    model = make_vit()
+    pitome.patch(model, ratio=0.9)
+    model.set_grad_checkpointing(True)
+    model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(images(1))
