@@ -163,9 +163,11 @@ def _shorten(llava: nn.Module, features: Any, input_ids: Tensor, attention_mask:
             f"{full} per image (unmerged, as the processor builds them) or {merged} per image (merged)"
         )
     keep = _keep_mask(input_ids, image_token, full, merged)
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"pitome: attention_mask of shape {tuple(attention_mask.shape)} does not match input_ids "
-                         f"{tuple(input_ids.shape)}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"pitome: attention_mask of shape {tuple(attention_mask.shape)} does not match "
+                             f"input_ids {tuple(input_ids.shape)}")
+        keep &= attention_mask.to(keep.device) != 0  # old padding goes too; rows are re-padded to the new width
     left = attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
     pad_id = getattr(llava.config.text_config, "pad_token_id", None)
     pad_id = pad_id if pad_id is not None else (getattr(llava.config, "pad_token_id", None) or 0)
