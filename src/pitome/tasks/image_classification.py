@@ -17,6 +17,17 @@ from .metrics import topk_accuracy
 __all__ = ["ImageClassificationTask", "load_image_model", "load_image_dataset", "classifier_eval_model"]
 
 
+def _timm_data_config(model: nn.Module) -> dict:
+    """timm's eval preprocessing, at the size the model was built for (``img_size=`` may differ from its cfg)."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        config["input_size"] = (3, *tuple(size))
+    return config
+
+
 def load_image_model(spec: str, device: torch.device | str = "cpu", pretrained: bool = True,
                      model_kwargs: Optional[dict] = None) -> tuple[nn.Module, Callable[[Any], Tensor], str]:
     """(model, transform PIL -> tensor, kind) from ``timm:<name>``, ``hf:<id or folder>`` or a local HF folder.
@@ -28,10 +39,10 @@ def load_image_model(spec: str, device: torch.device | str = "cpu", pretrained: 
         kind, name = "hf", spec
     if kind == "timm":
         import timm
-        from timm.data import create_transform, resolve_data_config
+        from timm.data import create_transform
 
         model = timm.create_model(name, pretrained=pretrained, **(model_kwargs or {}))
-        transform = create_transform(**resolve_data_config({}, model=model))
+        transform = create_transform(**_timm_data_config(model))
         return model.eval().to(device), transform, "timm"
     if kind == "hf":
         from transformers import AutoImageProcessor, AutoModelForImageClassification

@@ -37,7 +37,7 @@ def topk_accuracy(topk_indices: ArrayLike, labels: ArrayLike, ks: Sequence[int] 
     for k in ks:
         if k > hits.shape[1]:
             raise ValueError(f"top-{k} needs at least {k} predictions per item, got {hits.shape[1]}")
-        out[f"top{k}"] = 100.0 * hits[:, k - 1].float().mean().item() if len(hits) else float("nan")
+        out[f"top{k}"] = _percent(hits[:, k - 1])
     return out
 
 
@@ -45,7 +45,12 @@ def accuracy(predictions: ArrayLike, labels: ArrayLike) -> float:
     p, y = _tensor(predictions).long().flatten(), _tensor(labels).long().flatten()
     if p.shape != y.shape:
         raise ValueError(f"{len(p)} predictions for {len(y)} labels")
-    return 100.0 * (p == y).float().mean().item() if len(y) else float("nan")
+    return _percent(p == y)
+
+
+def _percent(hits: Tensor) -> float:
+    """100 * share of True, exact in float64 (nan for no items)."""
+    return 100.0 * int(hits.sum()) / len(hits) if len(hits) else float("nan")
 
 
 def l2_normalize(x: Tensor, dim: int = -1) -> Tensor:
@@ -86,7 +91,7 @@ def retrieval_recall(
     out: dict[str, float] = {}
     for name, ranks in (("i2t", i2t), ("t2i", t2i)):
         for k in ks:
-            out[f"{name}_r{k}"] = 100.0 * (ranks < k).float().mean().item()
+            out[f"{name}_r{k}"] = _percent(ranks < k)
     out["rsum"] = sum(v for v in out.values())
     return out
 

@@ -137,10 +137,12 @@ def _image_encoder(spec: str, device: Any, pretrained: bool, model_kwargs: dict)
     kind, _, name = spec.partition(":")
     if kind == "timm":
         import timm
-        from timm.data import create_transform, resolve_data_config
+        from timm.data import create_transform
+
+        from .image_classification import _timm_data_config
 
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs).eval().to(device)
-        return EvalModel(target=model, run=model, name=spec), create_transform(**resolve_data_config({}, model=model))
+        return EvalModel(target=model, run=model, name=spec), create_transform(**_timm_data_config(model))
     if kind == "hf":
         from transformers import AutoImageProcessor, AutoModel
 

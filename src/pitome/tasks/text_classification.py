@@ -64,14 +64,21 @@ def read_text_file(path: str | Path, text_column: str = "text", label_column: st
         with path.open(encoding="utf-8", newline="") as handle:
             reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",", strict=True)
             try:
-                _check_columns(path, 1, reader.fieldnames or [], wanted)
-                for row in reader:
-                    if None in row or any(v is None for v in row.values()):
-                        raise ValueError(f"{path}, line {reader.line_num}: expected {len(reader.fieldnames or [])} "
-                                         f"fields ({', '.join(reader.fieldnames or [])})")
-                    _append(path, reader.line_num, row, texts, labels, pairs, text_column, label_column, pair_column)
+                fields = reader.fieldnames or []
             except csv.Error as error:
-                raise ValueError(f"{path}, line {reader.line_num}: malformed {suffix[1:].upper()} ({error})") from None
+                raise ValueError(f"{path}, line 1: malformed {suffix[1:].upper()} header ({error})") from None
+            _check_columns(path, 1, fields, wanted)
+            while True:
+                start = reader.line_num + 1  # a quoted field may span lines: report where the record starts
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as error:
+                    raise ValueError(f"{path}, line {start}: malformed {suffix[1:].upper()} ({error})") from None
+                if None in row or any(v is None for v in row.values()):
+                    raise ValueError(f"{path}, line {start}: expected {len(fields)} fields ({', '.join(fields)})")
+                _append(path, start, row, texts, labels, pairs, text_column, label_column, pair_column)
     else:
         raise ValueError(f"{path}: unknown file type {suffix!r}; use .csv, .tsv or .jsonl")
     if not texts:
