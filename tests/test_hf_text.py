@@ -127,16 +127,15 @@ def test_counts_masks_and_sizes_are_consistent():
     # [CLS] protected and [SEP] frozen: 2 tokens never merge, so predictions use num_protected=2
     predicted = [pitome.predict_token_counts(budgets, n, num_protected=2) for n in lengths]
     assert info.tokens_per_layer[0] == 50
-    # padding never merges, so the batch width is set by the sample with the most real + padding survivors
-    width = max(p[-1] + 50 - n for p, n in zip(predicted, lengths))
-    assert info.tokens_per_layer[-1] == out.last_hidden_state.shape[1] == width
+    # padding never merges; slots holding only padding are dropped, so the widest sample sets the width
+    assert info.tokens_per_layer == [max(p[i] for p in predicted) for i in range(LAYERS + 1)]
+    assert info.tokens_per_layer[-1] == out.last_hidden_state.shape[1]
     assert info.valid.sum(dim=1).tolist() == [p[-1] for p in predicted]
     # layer by layer: real tokens per sample as predicted
     assert len(info.source_history) == LAYERS
     for layer, source in info.source_history:
-        slots = torch.zeros(len(lengths), int(source.max()) + 1, dtype=torch.bool)
-        slots.scatter_(1, source.clamp_min(0), mask.bool())
-        assert slots.sum(dim=1).tolist() == [p[layer + 1] for p in predicted]
+        real_slots = [len(set(source[row, :n].tolist())) for row, n in enumerate(lengths)]
+        assert real_slots == [p[layer + 1] for p in predicted]
     # sizes: every real token counted once, padding slots only hold padding
     real_size = (info.size * info.valid).sum(dim=1)
     assert real_size.tolist() == [float(n) for n in lengths]
@@ -162,7 +161,8 @@ def test_pool_mean_equals_masked_mean_without_merging():
     pitome.unpatch(model)
     assert torch.allclose(pitome.pool_mean(model, hidden, attention_mask=mask), expected, atol=1e-6)
     with pytest.raises(ValueError, match="tokens"):
-        pitome.pool_mean(_info_of(model, ids, mask), hidden[:, :5])
+        merged_info = _info_of(model, ids, mask)
+        pitome.pool_mean(merged_info, hidden[:, : merged_info.size.shape[1] + 1])
     with pytest.raises(TypeError, match="MergeInfo"):
         pitome.pool_mean("model", hidden)
 
@@ -185,6 +185,9 @@ def test_pool_mean_weights_merged_tokens_by_size():
     expected = (hidden * info.size.unsqueeze(-1)).sum(1) / info.size.sum(1, keepdim=True)
     assert torch.allclose(pitome.pool_mean(info, hidden), expected, atol=1e-6)
     assert not torch.allclose(pitome.pool_mean(info, hidden), hidden.mean(1), atol=1e-4)
+    assert torch.allclose(pitome.pool_mean(info, hidden, size_weighted=False), hidden.mean(1), atol=1e-6)
+    with pytest.raises(ValueError, match="size_weighted"):
+        pitome.pool_mean(info, hidden, size_weighted="yes")
 
 
 # --- heads and poolers on merged sequences ------------------------------------------------------------------------
@@ -421,3 +424,23 @@ def test_bad_masks_are_rejected():
         model(ids, attention_mask=left)
     with pytest.raises(ValueError, match="2-D padding attention_mask"):
         model(ids, attention_mask=mask[:, None, None, :])
+
+
+def test_drop_padding_slots_keeps_real_tokens_in_order():
+    from pitome.adapters.hf_common import drop_padding_slots
+    from pitome.config import build_config, resolve
+    from pitome.step import ForwardState
+
+    state = ForwardState(settings=resolve(build_config(1, ratio=0.5), 1, 1))
+    state.merged = True
+    state.valid = torch.tensor([[1, 0, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)  # row 0 not a prefix
+    state.frozen = torch.tensor([[0, 0, 0, 1, 0], [0, 1, 0, 0, 0]], dtype=torch.bool)
+    state.size = torch.tensor([[1.0, 1.0, 2.0, 1.0, 1.0], [1.0, 3.0, 1.0, 0.0, 1.0]])
+    state.source = torch.tensor([[0, 1, 2, 2, 3, 4], [0, 1, 1, 1, 2, 4]])
+    x = torch.arange(10.0).view(2, 5, 1)
+    out = drop_padding_slots(state, x)
+    assert out[..., 0].tolist() == [[0.0, 2.0, 3.0], [5.0, 6.0, 7.0]]
+    assert state.valid.tolist() == [[True, True, True], [True, True, False]]
+    assert state.frozen.tolist() == [[False, False, True], [False, True, False]]
+    assert state.size.tolist() == [[1.0, 2.0, 1.0], [1.0, 3.0, 1.0]]
+    assert state.source.tolist() == [[0, -1, 1, 1, 2, -1], [0, 1, 1, 1, 2, -1]]

@@ -17,10 +17,11 @@ from .step import MergeInfo
 __all__ = ["pool_mean", "pooling_weights"]
 
 
-def pooling_weights(info: MergeInfo, shape: Optional[tuple[int, int]] = None) -> Optional[Tensor]:
-    """(B, N) float32 weight per output token: its size times its padding mask; None if neither is known."""
+def pooling_weights(info: MergeInfo, shape: Optional[tuple[int, int]] = None,
+                    size_weighted: bool = True) -> Optional[Tensor]:
+    """(B, N) float32 weight per output token: its size (if size_weighted) times its padding mask; None if unknown."""
     weight: Optional[Tensor] = None
-    if info.size is not None:
+    if size_weighted and info.size is not None:
         weight = info.size.float()
     if info.valid is not None:
         valid = info.valid.float()
@@ -34,12 +35,14 @@ def pooling_weights(info: MergeInfo, shape: Optional[tuple[int, int]] = None) ->
 
 
 def pool_mean(model_or_info: Union[nn.Module, MergeInfo], last_hidden_state: Tensor,
-              attention_mask: Optional[Tensor] = None) -> Tensor:
+              attention_mask: Optional[Tensor] = None, size_weighted: bool = True) -> Tensor:
     """Size- and mask-weighted mean of ``last_hidden_state`` (B, N, C) -> (B, C).
 
     model_or_info: the patched model (its latest forward is used) or a ``MergeInfo`` from ``pitome.info``.
     attention_mask: only for an unpatched model (then this is plain masked mean pooling); a patched model's
                     own mask (merged along with the tokens) is used otherwise.
+    size_weighted:  weigh each token by the number of original tokens it holds (default); False gives every
+                    remaining real token the same weight (a plain masked mean over the merged sequence).
     """
     if isinstance(model_or_info, MergeInfo):
         info: Optional[MergeInfo] = model_or_info
@@ -52,7 +55,9 @@ def pool_mean(model_or_info: Union[nn.Module, MergeInfo], last_hidden_state: Ten
     if last_hidden_state.dim() != 3:
         raise ValueError(f"last_hidden_state must be (batch, tokens, channels), got shape {tuple(last_hidden_state.shape)}")
     shape = tuple(last_hidden_state.shape[:2])
-    weight = pooling_weights(info, shape) if info is not None else None
+    if not isinstance(size_weighted, bool):
+        raise ValueError(f"size_weighted must be True or False, got {size_weighted!r}")
+    weight = pooling_weights(info, shape, size_weighted) if info is not None else None
     if weight is None and attention_mask is not None:
         if tuple(attention_mask.shape) != shape:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {shape}")

@@ -11,10 +11,12 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ..step import ForwardState
 from .base import UnsupportedModelError
 
 __all__ = ["SUPPORTED_TRANSFORMERS", "require_transformers", "class_names", "check_attention_backend",
-           "additive_mask", "as_additive", "register_output_capture", "split_heads_mean", "first_token_attention"]
+           "additive_mask", "as_additive", "register_output_capture", "split_heads_mean", "first_token_attention",
+           "drop_padding_slots"]
 
 SUPPORTED_TRANSFORMERS = ">=5.0,<6"
 _MIN, _MAX = (5, 0), (6, 0)
@@ -123,3 +125,44 @@ def register_output_capture(model: nn.Module) -> None:
         can_record = getattr(type(module), "_can_record_outputs", None)
         if can_record is not None and "_pitome_original_class" in type(module).__dict__:
             _CAN_RECORD_REGISTRY[module] = can_record
+
+
+def drop_padding_slots(state: ForwardState, x: Tensor) -> Tensor:
+    """Shrink a padded batch to its widest sample after a merge: slots holding only padding (or nothing) go.
+
+    Padding never merges, so without this a short sequence keeps all its pad tokens and sets the batch width.
+    Real tokens keep their order (valid slots are stable-sorted first, a no-op for plans from ``build_plan``);
+    the dropped pad tokens get source -1. Padding is masked out of attention, so results do not change.
+    """
+    valid = state.valid
+    if valid is None or not state.merged:
+        return x
+    counts = valid.sum(dim=1)
+    keep = int(counts.max())
+    if keep >= x.shape[1]:
+        return x
+    order = None
+    if not bool((valid[:, :keep].sum(dim=1) == counts).all()):
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+
+    def take(t: Optional[Tensor]) -> Optional[Tensor]:
+        if t is None:
+            return None
+        if order is not None:
+            index = order if t.dim() == 2 else order.unsqueeze(-1).expand(-1, -1, t.shape[-1])
+            t = t.gather(1, index)
+        return t[:, :keep]
+
+    x = take(x)
+    state.size, state.frozen, state.valid = take(state.size), take(state.frozen), take(state.valid)
+    if state.source is not None:
+        source = state.source
+        if order is not None:
+            position = torch.empty_like(order)
+            position.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+            source = torch.where(source < 0, source, position.gather(1, source.clamp_min(0)))
+        source = torch.where(source >= keep, -1, source)
+        if state.source_history and state.source_history[-1][1] is state.source:
+            state.source_history[-1] = (state.source_history[-1][0], source)
+        state.source = source
+    return x

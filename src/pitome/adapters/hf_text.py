@@ -27,7 +27,8 @@ from ..config import MergeSettings
 from ..step import ForwardState, RootKey, activate
 from .base import Adapter, UnsupportedModelError, pitome_hook, root_state, swap_class
 from .hf_common import (SUPPORTED_TRANSFORMERS, additive_mask, check_attention_backend, class_names,
-                        first_token_attention, register_output_capture, require_transformers, split_heads_mean)
+                        drop_padding_slots, first_token_attention, register_output_capture, require_transformers,
+                        split_heads_mean)
 
 __all__ = ["HFTextAdapter", "BERT_LIKE_MODELS", "DISTILBERT_MODELS"]
 
@@ -142,7 +143,7 @@ class _PatchedBertLayer:
         kwargs.pop("encoder_attention_mask", None)
         attention_output, _ = self.attention(hidden_states, mask, cache=kwargs.pop("cache", None), **kwargs)
         _prepare_metric(self, state, layer, hidden_states, mask)
-        x = state.merge(layer, attention_output, hidden_metric=attention_output)
+        x = drop_padding_slots(state, state.merge(layer, attention_output, hidden_metric=attention_output))
         return _feed_forward(self.feed_forward_chunk, self.chunk_size_feed_forward, x)
 
 
@@ -159,7 +160,7 @@ class _PatchedDistilBertBlock:
         attention_output, _ = self.attention(hidden_states, attention_mask=mask, **kwargs)
         x = self.sa_layer_norm(attention_output + hidden_states)
         _prepare_metric(self, state, layer, hidden_states, mask)
-        x = state.merge(layer, x, hidden_metric=x)
+        x = drop_padding_slots(state, state.merge(layer, x, hidden_metric=x))
         ffn_output = _feed_forward(self.ffn.ff_chunk, self.ffn.chunk_size_feed_forward, x)
         return self.output_layer_norm(ffn_output + x)
 
@@ -210,6 +211,7 @@ def _unmerge_output(out: Any, source: Tensor) -> Any:
     """Copy each merged token back to every original position it holds (token-level heads)."""
     first = out[0]
     full = first.gather(1, source.clamp_min(0).unsqueeze(-1).expand(-1, -1, first.shape[-1]))
+    full = full.masked_fill((source < 0).unsqueeze(-1), 0)  # dropped padding positions
     if isinstance(out, tuple):
         return (full,) + tuple(out[1:])
     out.last_hidden_state = full
