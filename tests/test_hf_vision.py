@@ -101,7 +101,8 @@ def test_fixed_r_schedule_and_protected_tokens_of_deit(pixels: torch.Tensor) -> 
     assert (info.source[:, 0] == 0).all() and (info.source[:, 1] == 1).all()
     assert ((info.source == 0).sum(1) == 1).all() and ((info.source == 1).sum(1) == 1).all()
     assert torch.equal(info.size[:, :2], torch.ones(2, 2))
-    assert out.cls_logits.shape == ref.cls_logits.shape and out.distillation_logits.shape == ref.distillation_logits.shape
+    assert out.cls_logits.shape == ref.cls_logits.shape
+    assert out.distillation_logits.shape == ref.distillation_logits.shape
 
 
 def test_dinov2_head_mean_is_size_weighted(pixels: torch.Tensor) -> None:

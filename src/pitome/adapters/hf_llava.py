@@ -126,7 +126,8 @@ def _keep_mask(input_ids: Tensor, image_token: int, full: int, merged: int) -> T
     return keep
 
 
-def _compact(tensors: dict[str, Optional[Tensor]], keep: Tensor, pads: dict[str, int], left: bool) -> dict[str, Optional[Tensor]]:
+def _compact(tensors: dict[str, Optional[Tensor]], keep: Tensor, pads: dict[str, int],
+             left: bool) -> dict[str, Optional[Tensor]]:
     """Drop the positions not kept from each (B, L) tensor, re-padding rows that end up shorter."""
     lengths = keep.sum(dim=1)
     width = int(lengths.max())
@@ -243,7 +244,8 @@ def _encode_and_shorten(llava: nn.Module, owner: nn.Module, call: dict) -> dict:
     full = _full_count(llava, call.get("vision_feature_select_strategy"))
     ids, mask, labels = _shorten(llava, features, input_ids, call.get("attention_mask"), call.get("labels"), full)
     if ids is not input_ids and call.get("position_ids") is not None:
-        raise ValueError("pitome: position_ids cannot be kept when the image tokens are shortened; pass position_ids=None")
+        raise ValueError("pitome: position_ids cannot be kept when the image tokens are shortened; "
+                         "pass position_ids=None")
     call = dict(call, input_ids=ids, attention_mask=mask, pixel_values=None, mm_encoder_outputs={"image": features})
     if "labels" in call or labels is not None:
         call["labels"] = labels
@@ -302,8 +304,8 @@ class HFLlavaAdapter(Adapter):
     def _tower(self, model: nn.Module) -> nn.Module:
         tower = _llava_model(model).vision_tower
         if original_name(tower) not in VISION_TOWERS:
-            raise UnsupportedModelError(f"LLaVA vision tower {original_name(tower)} is not supported; supported towers: "
-                                        f"{', '.join(VISION_TOWERS)}")
+            raise UnsupportedModelError(f"LLaVA vision tower {original_name(tower)} is not supported; supported "
+                                        f"towers: {', '.join(VISION_TOWERS)}")
         return tower
 
     def num_layers(self, model: nn.Module) -> int:

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from ..config import MergeSettings
 from ..step import ForwardState, RootKey, activate
-from .base import ATTRS, Adapter, UnsupportedModelError, pitome_hook, remove_hooks, restore_class, root_state, swap_class
+from .base import (ATTRS, Adapter, UnsupportedModelError, pitome_hook, remove_hooks, restore_class, root_state,
+                   swap_class)
 from .hf_common import (SUPPORTED_TRANSFORMERS, additive_mask, as_additive, check_attention_backend, class_names,
                         first_token_attention, register_output_capture, require_transformers, split_heads_mean)
 
