@@ -31,19 +31,20 @@ def _config(family: str, backend: str, **extra):
         cls = transformers.DistilBertConfig
     else:
         sizes = dict(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=128)
-        cls = {"roberta": transformers.RobertaConfig, "xlm_roberta": transformers.XLMRobertaConfig}.get(
-            family, transformers.BertConfig)
+        cls = {"roberta": transformers.RobertaConfig, "xlm_roberta": transformers.XLMRobertaConfig,
+               "camembert": transformers.CamembertConfig}.get(family, transformers.BertConfig)
     return cls(**{**sizes, "vocab_size": 100, "attn_implementation": backend, **extra})
 
 
 def _model(family: str, backend: str = "sdpa", head: str = "Model", seed: int = 0, **extra):
-    prefix = {"bert": "Bert", "distilbert": "DistilBert", "roberta": "Roberta", "xlm_roberta": "XLMRoberta"}[family]
+    prefix = {"bert": "Bert", "distilbert": "DistilBert", "roberta": "Roberta", "xlm_roberta": "XLMRoberta",
+              "camembert": "Camembert"}[family]
     torch.manual_seed(seed)
     return getattr(transformers, prefix + head)(_config(family, backend, **extra)).eval()
 
 
 def _pad_id(family: str) -> int:
-    return 1 if family in ("roberta", "xlm_roberta") else 0
+    return 1 if family in ("roberta", "xlm_roberta", "camembert") else 0
 
 
 def _ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
@@ -82,13 +83,16 @@ def test_ratio_one_reproduces_unpatched(family, backend, head):
     assert pitome.info(model).tokens_per_layer == [ids.shape[1]] * (LAYERS + 1)
 
 
-def test_ratio_one_xlm_roberta():
-    model = _model("xlm_roberta")
-    ids, mask = _padded_batch("xlm_roberta")
+@pytest.mark.parametrize("family", ["xlm_roberta", "camembert"])
+def test_ratio_one_roberta_relatives(family):
+    model = _model(family)
+    ids, mask = _padded_batch(family)
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).last_hidden_state
         pitome.patch(model, ratio=1.0)
         assert torch.allclose(model(ids, attention_mask=mask).last_hidden_state, ref, atol=1e-5, rtol=0)
+        pitome.patch(model, ratio=0.7)
+        assert model(ids, attention_mask=mask).last_hidden_state.shape[1] < ids.shape[1]
 
 
 # --- padding invariance with merging on -------------------------------------------------------------------------
