@@ -237,3 +237,17 @@ def test_deepcopy_and_errors(pixels: torch.Tensor, text) -> None:
     ids, mask = text
     with pytest.raises(ValueError, match="attention_mask"):
         text_model(input_ids=ids, attention_mask=mask[:, None, None, :])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_text_tower_half_precision_with_empty_slots(dtype: torch.dtype, text) -> None:
+    """Samples merging different amounts leave empty slots; in half precision they must stay finite."""
+    ids, mask = text
+    model = _make("CLIPTextModelWithProjection", "eager").to(dtype)
+    pitome.patch(model, ratio=0.7)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert (pitome.info(model).size == 0).any()  # there were empty slots
+    assert out.text_embeds.dtype == dtype
+    for t in (out.text_embeds, *out.hidden_states):
+        assert torch.isfinite(t).all()

@@ -90,7 +90,7 @@ class MergePlan:
             w = w * self.weight
         total = self.sum(w)
         num = self.sum(x * w.to(x.dtype).unsqueeze(-1))
-        out = num / total.clamp_min(torch.finfo(torch.float32).tiny).to(x.dtype).unsqueeze(-1)
+        out = num / total.to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1)  # empty slots: 0, not 0/0
         if self.norm == "max":
             out = self._rescale_to_max_norm(x, out)
         return out, self.sum(size)

@@ -87,8 +87,10 @@ def causal_merged_mask(state: ForwardState, x: Tensor, real: Optional[Tensor]) -
     low = torch.finfo(x.dtype).min
     bias = torch.log(size.clamp_min(1e-30)) if state.settings.config.prop_attn else torch.zeros_like(size)
     bias = bias.masked_fill(size <= 0, low).to(x.dtype)
-    mask = bias[:, None, None, :].expand(batch, 1, tokens, tokens)
-    return mask.masked_fill(~allowed[:, None], low)
+    mask = bias[:, None, None, :].expand(batch, 1, tokens, tokens).masked_fill(~allowed[:, None], low)
+    # an empty slot (size 0) attends to itself with weight 1, so its row never overflows to NaN in half precision
+    empty_self = torch.eye(tokens, dtype=torch.bool, device=x.device) & (size <= 0)[:, :, None]
+    return mask.masked_fill(empty_self[:, None], 0.0)
 
 
 # Per running text forward: its key -> (B, N0) bool of the real (non-padding) input tokens.
