@@ -153,23 +153,13 @@ class PassResult:
 
 
 def encoder_shape(model: nn.Module) -> Optional[EncoderShape]:
-    """Block widths of a timm ViT or a Hugging Face encoder (BERT-like, DistilBERT, ViT, Dinov2, CLIP towers)."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is not None and len(blocks) and hasattr(blocks[0], "attn") and hasattr(blocks[0].attn, "qkv"):
-        qkv, fc1 = blocks[0].attn.qkv, blocks[0].mlp.fc1
-        return EncoderShape(dim=qkv.in_features, mlp_hidden=fc1.out_features, attn_dim=qkv.out_features // 3)
-    config = getattr(model, "config", None)
-    if config is None:
+    """Block widths read from the model's own modules (``pitome.flops.encoder_shape``); None if unreadable."""
+    from ..flops import encoder_shape as read_shape
+
+    try:
+        return read_shape(model)
+    except ValueError:
         return None
-    if hasattr(config, "vision_config") and not hasattr(config, "hidden_size"):
-        config = config.vision_config
-    dim = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
-    hidden = getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim", None)
-    if hidden is None and dim is not None and getattr(config, "mlp_ratio", None):
-        hidden = int(dim * config.mlp_ratio)
-    if not dim or not hidden:
-        return None
-    return EncoderShape(dim=int(dim), mlp_hidden=int(hidden))
 
 
 def set_seed(seed: int) -> None:
