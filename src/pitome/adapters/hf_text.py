@@ -34,7 +34,8 @@ __all__ = ["HFTextAdapter", "BERT_LIKE_MODELS", "DISTILBERT_MODELS"]
 
 BERT_LIKE_MODELS = ("BertModel", "RobertaModel", "XLMRobertaModel", "CamembertModel")
 DISTILBERT_MODELS = ("DistilBertModel",)
-TOKEN_LEVEL_HEADS = ("ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM", "ForPreTraining")
+TOKEN_LEVEL_HEADS = ("ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM", "ForPreTraining",
+                     "LMHeadModel")
 _EXTRA_ATTRS = ("_pitome_unmerge", "_pitome_family")
 
 
@@ -133,7 +134,8 @@ def _feed_forward(fn: Callable[[Tensor], Tensor], chunk_size: int, x: Tensor) ->
 class _PatchedBertLayer:
     """Mixin for BertLayer / RobertaLayer / ...: attention sub-layer, merge, feed-forward sub-layer."""
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, *args: Any,
+                **kwargs: Any) -> Tensor:
         state = root_state(self)
         if state is None:
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
