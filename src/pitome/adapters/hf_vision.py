@@ -7,8 +7,10 @@ the layer's own LayerScale / drop-path / dropout. The attention module is transf
 ``eager`` function, chosen by ``config._attn_implementation``); proportional attention enters as the additive
 float mask both accept. Keys (averaged over heads) are read by a forward hook on ``k_proj``.
 
-This file also holds the pieces the other Hugging Face adapters (``hf_clip``, ``hf_llava``) share: version
-check, key hook, mask, class-token attention, the per-forward owner mixin and "unmerge for mean pooling".
+This file also holds the vision pieces ``hf_clip`` and ``hf_llava`` reuse (version and mask helpers live in
+``hf_common``): the key hook, the layer mask, class-token attention, the per-forward owner mixin, and unmerging
+the last hidden states for mean-pooling heads (copied back to every original position, the heads' plain mean is
+the size-weighted mean).
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from .hf_common import (SUPPORTED_TRANSFORMERS, additive_mask, as_additive, chec
 
 __all__ = ["HFViTAdapter", "VISION_MODELS"]
 
-_EXTRA_ATTRS: tuple[str, ...] = ()
 # Keys of the patched models whose forward needs a source map (unmerging for mean-pooling heads, causal text).
 NEEDS_SOURCE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("pitome_hf_needs_source", default=frozenset())
 # Keys of the patched encoders whose last_hidden_state a mean-pooling head wants unmerged back to full length.
@@ -62,7 +63,7 @@ def unpatch_key(model: nn.Module) -> None:
         if module is model or (key is not None and module.__dict__.get("_pitome_key") is key):
             remove_hooks(module)
             restore_class(module)
-            for attr in ATTRS + _EXTRA_ATTRS:
+            for attr in ATTRS:
                 module.__dict__.pop(attr, None)
 
 
