@@ -59,6 +59,7 @@ def test_r_inflection_goes_linearly_between_the_documented_ends():
     assert [b.r for b in resolve_budgets(5, r=(8, -0.5))] == [12, 10, 8, 6, 4]
     assert [b.r for b in resolve_budgets(3, r=(7, 0.0))] == [7, 7, 7]
     assert [b.r for b in resolve_budgets(3, r=(10, -1.0))] == [20, 10, 0]
+    assert [b.r for b in resolve_budgets(2, r=(8, 0))] == [8, 8]  # a tuple is (r, inflection), even with an int
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -97,9 +97,9 @@ def resolve_budgets(
         else:
             per_layer = [Budget(ratio=_check_ratio(ratio, ""))] * num_layers
     else:
-        if isinstance(r, tuple) and len(r) == 2 and not isinstance(r[1], numbers.Integral):
+        if isinstance(r, tuple) and len(r) == 2:  # ToMe's (r, inflection); per-block values come as a list
             base, inflection = _check_r(r[0], ""), r[1]
-            if not isinstance(inflection, numbers.Real) or not -1.0 <= inflection <= 1.0:
+            if isinstance(inflection, bool) or not isinstance(inflection, numbers.Real) or not -1.0 <= inflection <= 1.0:
                 raise ValueError(f"r inflection must be a number in [-1, 1], got {inflection!r}")
             span = max(num_layers - 1, 1)
             per_layer = [
@@ -128,7 +128,7 @@ def capped(requested: int, allowed: int, layer: int) -> int:
 
 
 def predict_token_counts(
-    budgets: Sequence[Optional[Budget]], num_tokens: int, num_protected: int = 1, merges_per_block: int = 1
+    budgets: Sequence[Optional[Budget]], num_tokens: int, num_protected: int = 1
 ) -> list[int]:
     """Tokens entering each block, then the tokens leaving the last one (length L + 1).
 
