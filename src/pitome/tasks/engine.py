@@ -198,6 +198,17 @@ def _to_device(inputs: Any, device: torch.device) -> Any:
     return inputs
 
 
+def _head(inputs: Any, count: int) -> Any:
+    """The first ``count`` items of a batch (tensor, dict or list of tensors), for a cheap warm-up forward."""
+    if isinstance(inputs, Tensor):
+        return inputs[:count]
+    if isinstance(inputs, dict):
+        return {k: _head(v, count) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(_head(v, count) for v in inputs)
+    return inputs
+
+
 def _tokens_after_forward(model: EvalModel, spec: MergeSpec, inputs: Any, probe: Optional[list[int]]) -> Optional[list[int]]:
     import pitome
 
@@ -254,9 +265,9 @@ def run_pass(
             inputs = _to_device(inputs, ctx.device)
             if position == 0:
                 if not spec.merges:
-                    probe = _probe_tokens(model, inputs)  # doubles as the warm-up forward
+                    probe = _probe_tokens(model, _head(inputs, 2))  # doubles as the warm-up forward
                 elif warmup:
-                    model.run(inputs)
+                    model.run(_head(inputs, 2))
             _sync(ctx.device)
             start = time.perf_counter()
             outputs = model.run(inputs)

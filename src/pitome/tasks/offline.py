@@ -56,10 +56,10 @@ class OfflineSizes:
     """Subset sizes (printed with every run). bbc_train 0 = the whole 70% training split."""
 
     bbc_train: int = 0
-    bbc_test: int = 300
+    bbc_test: int = 100
     bbc_max_length: int = 256
     fmnist_train_per_class: int = 200
-    fmnist_test_per_class: int = 40
+    fmnist_test_per_class: int = 10
     image_size: int = 224
     text_batch: int = 16
     image_batch: int = 32

@@ -127,7 +127,10 @@ class ProbeTask(Task):
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"task": self.name, "train_items": len(self.train_features), "test_items": sum(map(len, self.batches)),
+        test = sum(map(len, self.batches))
+        return {"task": self.name, "train_items": len(self.train_features), "test_items": test,
+                "accuracy_noise": f"+-{196 * (0.25 / max(test, 1)) ** 0.5:.1f} points (95% binomial interval at "
+                                  f"50% accuracy, {test} items); fidelity is the finer comparison",
                 "probe": "logistic regression (L2, C=1) on standardised unmerged train features",
                 "knn": f"weighted k-NN, k={self.knn_k}, cosine, T=0.07, unmerged train features", **self._info}
 
