@@ -62,7 +62,8 @@ def check_targets(result: BenchResult) -> list[str]:
         limit = 1.5 if tokens <= 197 else 2.0
         pitome_rows = [r for r in rows if r["algorithm"] == "pitome" and r["flops_ratio"] < 1]
         for prow in pitome_rows:
-            trow = next((r for r in rows if r["algorithm"] == "tome" and prow["variant"] in r["note"]), None)
+            trow = next((r for r in rows if r["algorithm"] == "tome"
+                         and r["note"] == f"equal FLOPs to {prow['variant']} (solver)"), None)
             if trow is None or not trow["merge_ms"]:
                 continue
             ratio = prow["merge_ms"] / trow["merge_ms"]
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--batch", type=int, default=32, help="batch size at 224 px (default 32)")
+    parser.add_argument("--batch-vitb", type=int, default=None, help="batch size for ViT-B at 224 px (default --batch)")
     parser.add_argument("--batch-384", type=int, default=None, help="batch size at 384 px (default: 8 on CPU, "
                                                                      "--batch otherwise)")
     parser.add_argument("--reps", type=int, default=5)
@@ -163,7 +165,8 @@ def main() -> None:
     for name in models:
         options = BenchOptions(device=args.device, dtype=args.dtype, warmup=args.warmup, reps=reps[name],
                                latency=not args.no_latency, memory=not args.no_memory, threads=args.threads)
-        results.append(bench([load_model(name)], grid_variants(PITOME_RATIOS), [args.batch], options))
+        batch = args.batch_vitb if name == "vit_base_patch16_224" and args.batch_vitb else args.batch
+        results.append(bench([load_model(name)], grid_variants(PITOME_RATIOS), [batch], options))
     if not args.skip_384:
         options = BenchOptions(device=args.device, dtype=args.dtype, warmup=args.warmup, reps=reps_384,
                                latency=False, memory=not args.no_memory, threads=args.threads)
