@@ -117,7 +117,8 @@ def _prepare_metric(layer_module: nn.Module, state: ForwardState, layer: int, x_
     if getattr(algorithm, "needs_attention", False):
         if raw is None:
             raise RuntimeError("pitome: the key projection was not captured; re-patch the model")
-        state.attention = first_token_attention(query(x_in[:, :1]), raw, heads, scaling, mask)
+        with torch.no_grad():  # a ranking signal, like the metric: no gradient
+            state.attention = first_token_attention(query(x_in[:, :1]), raw.detach(), heads, scaling, mask)
     if state.settings.config.metric == "keys" and raw is not None:
         state.metric = split_heads_mean(raw, heads)
 
@@ -263,6 +264,7 @@ class _PatchedTaskModel:
 
 class HFTextAdapter(Adapter):
     name = "hf_text"
+    family = "text"
     supports = (f"Hugging Face text encoders with transformers {SUPPORTED_TRANSFORMERS} and attn_implementation "
                 f"'sdpa' or 'eager': {', '.join(BERT_LIKE_MODELS + DISTILBERT_MODELS)} and their task models "
                 f"(...ForSequenceClassification, ...ForTokenClassification, ...ForQuestionAnswering, "
