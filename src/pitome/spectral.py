@@ -263,15 +263,19 @@ def layer_distances(records: Sequence[MergeRecord], graph: str = "distance") -> 
     two algorithms are different graphs; ``cumulative_distances`` compares against a common reference.
     """
     out: dict[int, Tensor] = {}
-    for rec in records:
-        h = rec.num_protected
-        w = token_graph(rec.metric[:, h:], graph)
-        if rec.plan is None:
-            out[rec.layer] = torch.zeros(w.shape[0], dtype=torch.float64)
-            continue
-        groups, n = plan_groups(rec.plan, h)
-        out[rec.layer] = spectral_distance(w, groups, n)
+    with _few_threads(max((r.metric.shape[1] for r in records), default=0)):
+        for rec in records:
+            out[rec.layer] = _layer_distance(rec, graph)
     return out
+
+
+def _layer_distance(rec: MergeRecord, graph: str) -> Tensor:
+    h = rec.num_protected
+    w = token_graph(rec.metric[:, h:], graph)
+    if rec.plan is None:
+        return torch.zeros(w.shape[0], dtype=torch.float64)
+    groups, n = plan_groups(rec.plan, h)
+    return spectral_distance(w, groups, n)
 
 
 def cumulative_distances(
@@ -284,21 +288,25 @@ def cumulative_distances(
     history:   ``pitome.info(model).source_history`` of the merged forward (trace_source=True).
     """
     out: dict[int, Tensor] = {}
-    for rec in reference:
-        if rec.plan is not None:
-            raise ValueError(f"reference record of block {rec.layer} merged tokens; use a forward with ratio=1")
-        h = rec.num_protected
-        w = token_graph(rec.metric[:, h:], graph)
-        source = source_after(history, rec.layer)
-        if source is None:
-            out[rec.layer] = torch.zeros(w.shape[0], dtype=torch.float64)
-            continue
-        groups, n = source_groups(source.cpu(), h)
-        if groups.shape != w.shape[:2]:
-            raise ValueError(f"source map over {groups.shape[1]} tokens does not match the reference graph "
-                             f"over {w.shape[1]} tokens at block {rec.layer}")
-        out[rec.layer] = spectral_distance(w, groups, n)
+    with _few_threads(max((r.metric.shape[1] for r in reference), default=0)):
+        for rec in reference:
+            out[rec.layer] = _cumulative_distance(rec, history, graph)
     return out
+
+
+def _cumulative_distance(rec: MergeRecord, history: Sequence[tuple[int, Tensor]], graph: str) -> Tensor:
+    if rec.plan is not None:
+        raise ValueError(f"reference record of block {rec.layer} merged tokens; use a forward with ratio=1")
+    h = rec.num_protected
+    w = token_graph(rec.metric[:, h:], graph)
+    source = source_after(history, rec.layer)
+    if source is None:
+        return torch.zeros(w.shape[0], dtype=torch.float64)
+    groups, n = source_groups(source.cpu(), h)
+    if groups.shape != w.shape[:2]:
+        raise ValueError(f"source map over {groups.shape[1]} tokens does not match the reference graph "
+                         f"over {w.shape[1]} tokens at block {rec.layer}")
+    return spectral_distance(w, groups, n)
 
 
 # -- synthetic clusters satisfying the theorem's assumptions (A1-A3) ---------------------------------------
@@ -365,18 +373,26 @@ def merge_until(
 def synthetic_distances(
     algorithms: dict[str, Any], sizes: Sequence[int] = DEFAULT_CLUSTER_SIZES, dim: int = 1024,
     noise: float = 1e-3, ratio: float = 0.7, seeds: Sequence[int] = range(10), graph: str = "distance",
-    target: Optional[int] = None,
+    target: Optional[int] = None, every_step: bool = True,
 ) -> dict[str, list[list[float]]]:
-    """SD(G, G_alg) after each merge step, per algorithm and seed, merging down to ``target`` tokens
-    (default: the number of true clusters, the end point of Theorem 1). {name: [[SD per step] per seed]}."""
+    """SD(G, G_alg) after each merge step (or only the last, ``every_step=False``), per algorithm and seed,
+    merging down to ``target`` tokens (default: the number of true clusters, the end point of Theorem 1).
+    {name: [[SD per step] per seed]}."""
     out: dict[str, list[list[float]]] = {name: [] for name in algorithms}
     goal = len(sizes) if target is None else int(target)
-    for seed in seeds:
-        x, _ = clustered_tokens(sizes, dim, noise, seed)
-        w = token_graph(x, graph)
-        base = spectrum(w)
-        for name, algorithm in algorithms.items():
-            gen = torch.Generator().manual_seed(int(seed))
-            steps = merge_until(algorithm, x, ratio, goal, generator=gen)
-            out[name].append([float(spectral_distance(w, src, base=base)) for _, src in steps])
+    with _few_threads(sum(sizes)):
+        for seed in seeds:
+            _synthetic_seed(out, algorithms, sizes, dim, noise, ratio, int(seed), graph, goal, every_step)
     return out
+
+
+def _synthetic_seed(out: dict, algorithms: dict[str, Any], sizes: Sequence[int], dim: int, noise: float,
+                    ratio: float, seed: int, graph: str, goal: int, every_step: bool) -> None:
+    x, _ = clustered_tokens(sizes, dim, noise, seed)
+    w = token_graph(x, graph)
+    base = spectrum(w)
+    for name, algorithm in algorithms.items():
+        gen = torch.Generator().manual_seed(seed)
+        steps = merge_until(algorithm, x, ratio, goal, generator=gen)
+        chosen = steps if every_step else steps[-1:]
+        out[name].append([float(spectral_distance(w, src, base=base)) for _, src in chosen])
