@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 __all__ = ["grid_shape", "patch_labels", "pixel_labels", "paint_groups", "heatmap", "patch_values",
-           "compose", "canvas_size", "text_groups", "ansi_groups", "html_groups"]
+           "compose", "canvas_size", "text_groups", "ansi_groups", "plain_groups", "html_groups"]
 
 OUTLINE = np.array([20, 20, 20], dtype=np.uint8)
 PAD = 6          # pixels between panels
@@ -181,6 +181,16 @@ def ansi_groups(tokens: Sequence[str], source: Sequence[int]) -> str:
         if pos in colour:
             text = f"\x1b[30;{_ANSI_BG[colour[pos] % len(_ANSI_BG)]}m{text}\x1b[0m"
         parts.append(sep + text)
+    return "".join(parts)
+
+
+def plain_groups(tokens: Sequence[str], source: Sequence[int]) -> str:
+    """Tokens with the number of their merged group in braces (for logs and pipes: no colours)."""
+    colour = _colour_index(source)
+    parts = []
+    for pos, token in enumerate(tokens):
+        sep, text = _join(token, pos == 0)
+        parts.append(sep + text + (f"{{{colour[pos] + 1}}}" if pos in colour else ""))
     return "".join(parts)
 
 

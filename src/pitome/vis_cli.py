@@ -122,10 +122,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-init", action="store_true", help="timm: random weights instead of pretrained")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output file (default visualize.png / visualize.html)")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                        help="text models: terminal colours for merged groups (auto: only on a terminal)")
 
 
 def _run_text(args: argparse.Namespace, subject: Subject, layers: Optional[list[int]]) -> int:
-    from .vis import ansi_groups, html_groups
+    import sys
+
+    from .vis import ansi_groups, html_groups, plain_groups
+
+    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
 
     algorithms = split_names(args.algorithms or "pitome_text,tome")
     ratio = 0.8 if args.ratio is None else args.ratio
@@ -147,7 +153,7 @@ def _run_text(args: argparse.Namespace, subject: Subject, layers: Optional[list[
                 source = list(range(len(tokens))) if src is None else src[0].tolist()
                 head = f"[{name}, ratio {ratio}, after block {block}: {len(set(source) - {-1})} of {len(tokens)} tokens]"
                 print(head)
-                print(ansi_groups(tokens, source))
+                print(ansi_groups(tokens, source) if colour else plain_groups(tokens, source))
                 print()
                 sections.append(html_groups(tokens, source, f"text {t_index}: {head}"))
     out = Path(args.out or "visualize.html")
