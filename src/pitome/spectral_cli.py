@@ -258,6 +258,12 @@ def format_model_tables(result: dict, algorithms: Sequence[str], num_protected: 
             sums = [_cell(np.sum([result[key][name][layer] for layer in layers], axis=0)) for name in algorithms]
             lines.append("| sum | | " + " | ".join(sums) + " |")
         lines.append("")
+    first, last = algorithms[0], layers[-1]
+    ours = result["cumulative"][first][last]
+    wins = [f"{name} {sum(a < b for a, b in zip(ours, result['cumulative'][name][last]))}/{len(ours)}"
+            for name in algorithms[1:]]
+    if wins:
+        lines.append(f"Inputs where {first} has the lower cumulative SD after block {last}: {', '.join(wins)}.")
     return "\n".join(lines)
 
 
@@ -434,5 +440,6 @@ def run(args: argparse.Namespace) -> int:
     (out / "spectrum.json").write_text(json.dumps({"title": title, "algorithms": list(algorithms), "ratio": ratio,
                                                    "graph": args.graph, "inputs": inputs, **result}, indent=1))
     if not args.no_plot:
-        _plot_model(result, algorithms, out / "spectrum.png", title if len(title) < 110 else title[:107] + "...")
+        _plot_model(result, algorithms, out / "spectrum.png",
+                    f"{subject.name}: keep-ratio {ratio}, {args.graph} graph, {len(inputs)} inputs")
     return 0 if equal else 1
