@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import pitome
-from pitome.vis import (OUTLINE, PAD, LABEL_W, TITLE_H, ansi_groups, canvas_size, plain_groups, compose, grid_shape, heatmap,
-                        html_groups, paint_groups, patch_labels, patch_values, pixel_labels, text_groups)
+from pitome.vis import (LABEL_W, OUTLINE, PAD, TITLE_H, ansi_groups, canvas_size, compose, grid_shape, heatmap,
+                        html_groups, paint_groups, patch_labels, patch_values, pixel_labels, plain_groups,
+                        text_groups)
 
 
 def _image(h: int = 32, w: int = 32, seed: int = 0) -> np.ndarray:

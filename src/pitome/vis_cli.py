@@ -129,6 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_text(args: argparse.Namespace, subject: Subject, layers: Optional[list[int]]) -> int:
     import sys
 
+    from .spectral import source_after
     from .vis import ansi_groups, html_groups, plain_groups
 
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
@@ -147,11 +148,10 @@ def _run_text(args: argparse.Namespace, subject: Subject, layers: Optional[list[
             merged = [index for index, _ in info.source_history]
             blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else merged
             for block in blocks:
-                from .spectral import source_after
-
                 src = source_after(info.source_history, block)
                 source = list(range(len(tokens))) if src is None else src[0].tolist()
-                head = f"[{name}, ratio {ratio}, after block {block}: {len(set(source) - {-1})} of {len(tokens)} tokens]"
+                kept = len(set(source) - {-1})
+                head = f"[{name}, ratio {ratio}, after block {block}: {kept} of {len(tokens)} tokens]"
                 print(head)
                 print(ansi_groups(tokens, source) if colour else plain_groups(tokens, source))
                 print()
