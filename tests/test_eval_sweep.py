@@ -129,3 +129,64 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
     assert "needs --model" in capsys.readouterr().err
     assert cli.main(["eval", "image-classification", "--model", "vit:x", "--data", str(tmp_path)]) == 2
     assert "timm:<name>" in capsys.readouterr().err
+
+
+def test_retrieval_and_hf_classifier_with_tiny_hf_models(tmp_path):
+    """Karpathy caption file -> tiny CLIPModel (vision tower merges); a tiny HF ViT classifier from a folder."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from pitome.tasks.base import dataloader_factory, fixed_batches
+    from pitome.tasks.engine import EvalModel
+    from pitome.tasks.retrieval import ImageFiles, RetrievalTask, read_captions
+    from pitome.tasks.sweep import run_sweep
+
+    images = make_image_folder(tmp_path / "img", classes=2, per_class=3)
+    files = sorted(images.rglob("*.png"))
+    entries = [{"filename": str(f.relative_to(images)), "split": "test",
+                "sentences": [{"raw": f"photo {i}"}, {"raw": f"picture {i} {i}"}]} for i, f in enumerate(files)]
+    (images / "captions.json").write_text(json.dumps({"images": entries}))
+    data = read_captions(images / "captions.json")
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=16),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=2, image_size=32, patch_size=4), projection_dim=16)
+    clip = CLIPModel(config).eval()
+
+    def embed_texts(batch: list) -> torch.Tensor:
+        ids = torch.tensor([[1 + (hash(w) % 90) for w in text.split()][:4] + [0] * (4 - len(text.split()[:4]))
+                            for text in batch])
+        out = clip.get_text_features(input_ids=ids)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def embed_images(pixels: torch.Tensor) -> torch.Tensor:
+        out = clip.get_image_features(pixel_values=pixels)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def to_tensor(image):
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+
+    def collate(items):
+        return torch.stack([x for x, _ in items]), torch.tensor([i for _, i in items])
+
+    with torch.no_grad():
+        texts = embed_texts(data.captions)
+    task = RetrievalTask("tiny CLIP retrieval", EvalModel(clip, embed_images), dataloader_factory(
+        ImageFiles(data.images, to_tensor), collate), fixed_batches(len(data.images), 4), texts,
+        torch.arange(len(data.images)), torch.tensor(data.caption_image))
+    rows = run_sweep([task], build_specs(["pitome", "tome"], [0.8]))
+    assert [r["algorithm"] for r in rows] == ["unmerged", "pitome", "tome"] and not any("error" in r for r in rows)
+    assert rows[0]["tokens_per_layer"][0] == 65 and rows[1]["gflops"] < rows[0]["gflops"]
+    assert all(0 <= r["rsum"] <= 600 for r in rows) and rows[0]["fidelity"] == pytest.approx(1.0, abs=1e-5)
+
+    folder = tmp_path / "vit"
+    ViTForImageClassification(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=32, patch_size=4, num_labels=2)).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    out = tmp_path / "out"
+    assert cli.main(["eval", "image-classification", "--model", str(folder), "--data", str(images),
+                     "--algorithms", "pitome", "--ratios", "0.8", "--out", str(out), "--no-progress"]) == 0
+    _, results = _results(out)
+    assert [r["algorithm"] for r in results["rows"]] == ["unmerged", "pitome"]
+    assert results["rows"][1]["gflops"] < results["rows"][0]["gflops"]

@@ -56,7 +56,7 @@ class OfflineSizes:
     """Subset sizes (printed with every run). bbc_train 0 = the whole 70% training split."""
 
     bbc_train: int = 0
-    bbc_test: int = 100
+    bbc_test: int = 80
     bbc_max_length: int = 256
     fmnist_train_per_class: int = 200
     fmnist_test_per_class: int = 10
