@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 TASKS = ("offline", "image-classification", "text-classification", "retrieval", "probe")
 

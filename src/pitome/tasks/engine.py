@@ -210,8 +210,6 @@ def _head(inputs: Any, count: int) -> Any:
 
 
 def _tokens_after_forward(model: EvalModel, spec: MergeSpec, inputs: Any, probe: Optional[list[int]]) -> Optional[list[int]]:
-    import pitome
-
     if spec.merges:
         last = model.target.__dict__.get("_pitome_last")
         return list(last.tokens_per_layer) if last is not None else None
