@@ -152,10 +152,17 @@ def text_bench() -> Bench:
 def vision_bench() -> Bench:
     """Fashion-MNIST test set: 50 per class dev / 50 per class held-out; the offline default's probe
     (2,000 training images) and dual-encoder projections (cached by ``pitome eval``)."""
-    from pitome.tasks.offline import OfflineSizes, _image_collate, build_offline_tasks
+    from pitome.tasks.offline import OfflineSizes, _image_collate, _image_model, build_offline_tasks
 
-    sizes = OfflineSizes(fmnist_test_per_class=1, image_size=IMAGE_SIZE)
-    probe_task, retrieval_task = build_offline_tasks(sizes, which=("image", "retrieval"), log=lambda s: print(s))
+    def prepare() -> dict:  # frozen in our own cache, so later changes to the offline default's cache keys
+        sizes = OfflineSizes(fmnist_test_per_class=1, image_size=IMAGE_SIZE)  # do not change our probe
+        probe_task, retrieval_task = build_offline_tasks(sizes, which=("image", "retrieval"), log=print)
+        return {"probe": probe_task.probe, "image_head": retrieval_task.image_head,
+                "text_head": retrieval_task.text_head, "text_features": retrieval_task.text_features,
+                "text_labels": retrieval_task.text_labels}
+
+    prepared = _cached(f"fmnist_prepared_{IMAGE_SIZE}.pt", prepare)
+    evaluator = _image_model(zoo.load_dinov2_small())
     images, labels = zoo.load_fashion_mnist("test")
     dev, held = _split_per_class(labels, ITEMS // 10, 2, seed=1234)
     order = np.concatenate([dev, held])
@@ -165,9 +172,8 @@ def vision_bench() -> Bench:
     labs = {"dev": torch.as_tensor(labels[dev]), "heldout": torch.as_tensor(labels[held])}
     tokens = 1 + (IMAGE_SIZE // 14) ** 2
     lens = {split: [tokens] * ITEMS for split in batches}
-    retrieval = {"image_head": retrieval_task.image_head, "text_head": retrieval_task.text_head,
-                 "text_features": retrieval_task.text_features, "text_labels": retrieval_task.text_labels}
-    return Bench("vision", "vision", probe_task.model, loader, batches, labs, lens, probe_task.probe, tokens,
+    retrieval = {k: prepared[k] for k in ("image_head", "text_head", "text_features", "text_labels")}
+    return Bench("vision", "vision", evaluator, loader, batches, labs, lens, prepared["probe"], tokens,
                  retrieval=retrieval,
                  note=f"Fashion-MNIST test set (Debian dataset-fashion-mnist): {ITEMS // 10}/class dev and "
                       f"{ITEMS // 10}/class held-out, disjoint; probe fit on 2,000 training images (200/class), "
@@ -210,6 +216,14 @@ def core_configs(task: TaskDef) -> dict[str, dict]:
         "paper-pa": dict(algorithm="pitome", preset="paper", prop_attn=False),
         "plain-default": dict(algorithm="pitome"),
     }
+
+
+def candidate_configs(task: TaskDef) -> dict[str, dict]:
+    """Settings proposed from the factor tables, checked at every budget before choosing the defaults."""
+    if task.bench == "vision":
+        return {"bsm+pa (plain defaults, matching=bsm)": dict(algorithm="pitome", prop_attn=True, matching="bsm"),
+                "deit+pa, matching=bsm": dict(algorithm="pitome", preset="deit", prop_attn=True, matching="bsm")}
+    return {"bert, matching=bsm": dict(algorithm="pitome_text", preset="bert", matching="bsm")}
 
 
 def factor_configs(task: TaskDef, base: dict) -> dict[str, dict]:
@@ -334,7 +348,8 @@ def reference_run(bench: Bench, split: str) -> dict:
     return run_one(bench, split, MergeSpec.make(None), f"{bench.name} {split} unmerged")
 
 
-def run_configs(task: TaskDef, split: str, configs: dict[str, dict], ratios: Sequence[float], stage: str) -> None:
+def run_configs(task: TaskDef, split: str, configs: dict[str, dict], ratios: Sequence[float], stage: str,
+                base: Optional[str] = None) -> None:
     bench = get_bench(task.bench)
     reference_run(bench, split)
     for ratio in ratios:
@@ -342,7 +357,7 @@ def run_configs(task: TaskDef, split: str, configs: dict[str, dict], ratios: Seq
             spec = _spec(task, bench, split, kwargs, ratio)
             tag = f"{task.name} {split} {ratio:g} {name}"
             run = run_one(bench, split, spec, tag)
-            record({"task": task.name, "split": split, "ratio": ratio, "config": name, "stage": stage,
+            record({"task": task.name, "split": split, "ratio": ratio, "config": name, "stage": stage, "base": base,
                     "kwargs": kwargs, "file": f"{bench.name}_{split}_{_key(spec.algorithm, spec.ratio, spec.r, spec.kwargs)}.pt",
                     "gflops": run["gflops"], "r": run["r"], "resolved": resolved(bench, spec)})
 
@@ -359,8 +374,13 @@ def resolve_config(task: TaskDef, name: str, base: Optional[str]) -> dict:
     core = core_configs(task)
     if name in core:
         return core[name]
-    if name == "auto":
-        return dict(algorithm=None, preset="auto")
+    if name == "auto":  # the preset as users get it (the family comes from the adapter)
+        from pitome.config import preset_config
+
+        return dict(algorithm=preset_config("auto", 12, TASKS[task.name].bench)["algorithm"], preset="auto")
+    candidates = candidate_configs(task)
+    if name in candidates:
+        return candidates[name]
     if base is not None:
         factors = factor_configs(task, core.get(base) or json.loads(base))
         if name in factors:
@@ -373,18 +393,23 @@ def cmd_run(args: argparse.Namespace) -> None:
     for task_name in args.tasks:
         task = TASKS[task_name]
         ratios = args.ratios or task.ratios
+        base_name = None
         if args.stage == "core":
             configs = core_configs(task)
         elif args.stage == "factors":
             base = core_configs(task).get(args.base) or json.loads(args.base)
             configs = factor_configs(task, base)
+            base_name = args.label or args.base
+            if args.label:  # a base other than a core config: its own row, and prefixed factor names
+                configs = {args.label: base, **{f"{args.label}/{k}": v for k, v in configs.items()}}
         else:
             configs = {}
         if args.configs:
             configs = {name: resolve_config(task, name, args.base) for name in args.configs}
         if args.only:
-            configs = {k: v for k, v in configs.items() if k in args.only}
-        run_configs(task, args.split, configs, ratios, args.stage or "custom")
+            keep = set(args.only) | {f"{args.label}/{k}" for k in args.only} | ({args.label} if args.label else set())
+            configs = {k: v for k, v in configs.items() if k in keep}
+        run_configs(task, args.split, configs, ratios, args.stage or "custom", base_name)
 
 
 def cmd_time(args: argparse.Namespace) -> None:
@@ -413,6 +438,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run.add_argument("--base", help="factor base: a core config name or a JSON dict of patch kwargs")
     run.add_argument("--configs", nargs="+", help="explicit config names (core names, 'auto', factor names)")
     run.add_argument("--only", nargs="+", help="restrict the stage's configs to these names")
+    run.add_argument("--label", help="name of a JSON --base (its factor rows are prefixed with it)")
     run.add_argument("--ratios", nargs="+", type=float)
     run.add_argument("--threads", type=int, default=2)
     timing = sub.add_parser("time")

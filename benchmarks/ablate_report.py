@@ -29,6 +29,8 @@ def load_records(split: Optional[str] = None) -> "OrderedDict[tuple, dict]":
         return out
     for line in path.read_text().splitlines():
         entry = json.loads(line)
+        if entry.get("stage") == "factors" and entry.get("base") is None:  # runs recorded before 'base' existed
+            entry["base"] = "official+pa"
         if split is not None and entry["split"] != split:
             continue
         key = (entry["task"], entry["split"], entry["ratio"], entry["config"])
@@ -119,21 +121,54 @@ def unmerged_line(metrics: Metrics, task: str, split: str) -> str:
     return f"Unmerged: {_pct(u['acc'])}% at {u['gflops']:.2f} GFLOPs/item{extra}."
 
 
+STRONGEST_TOME = {"text": "tome", "vision": "tome+pa"}  # the better ToMe per family on dev (core tables)
+
+
+def _ratios(records: dict, task: str, names: Optional[set] = None) -> list[float]:
+    return sorted({k[2] for k in records if k[0] == task and (names is None or k[3] in names)}, reverse=True)
+
+
+def section(metrics: Metrics, records: dict, split: str, stage: Optional[str], title: str,
+            compare_with: Callable[[str, Optional[str]], list], filter_base: bool = True) -> list[str]:
+    """Tables for the records of one stage: per task, per base (factors), per keep-ratio."""
+    out: list[str] = []
+    chosen = {k: e for k, e in records.items() if stage is None or e.get("stage") == stage}
+    if not chosen:
+        return out
+    out += [f"## {title}", ""]
+    for task in OrderedDict.fromkeys(k[0] for k in chosen):
+        tdef = ablate.TASKS[task]
+        out += [f"### {tdef.title}", "", unmerged_line(metrics, task, split), ""]
+        bases = list(OrderedDict.fromkeys(e.get("base") for k, e in chosen.items() if k[0] == task))
+        for base in bases if filter_base else [None]:
+            rows = [k[3] for k, e in chosen.items() if k[0] == task and (not filter_base or e.get("base") == base)]
+            rows = list(OrderedDict.fromkeys(rows))
+            if base is not None:
+                out += [f"Changes to **{base}**, one at a time:", ""]
+            for ratio in _ratios(chosen, task, set(rows)):
+                out += [f"keep-ratio {ratio:g}:", ""]
+                out += table(metrics, records, task, split, ratio, rows, compare_with(task, base), show_r=True)
+                out.append("")
+    return out
+
+
 def write_report(args: Any) -> None:
     records = load_records(args.split)
     metrics = Metrics()
-    out: list[str] = []
-    tasks = list(OrderedDict.fromkeys(k[0] for k in records))
-    for task in tasks:
-        tdef = ablate.TASKS[task]
-        out += [f"### {tdef.title} ({args.split})", "", unmerged_line(metrics, task, args.split), ""]
-        for ratio in sorted({k[2] for k in records if k[0] == task}, reverse=True):
-            names = [k[3] for k in records if k[0] == task and k[2] == ratio]
-            out += [f"keep-ratio {ratio:g}:", ""]
-            out += table(metrics, records, task, args.split, ratio, names,
-                         [("ToMe (same prop. attn)", same_pa_tome), ("ToMe + prop. attn", fixed("tome+pa"))],
-                         show_r=True)
-            out.append("")
+
+    def core_cmp(task: str, base: Optional[str]) -> list:
+        return [("ToMe (same prop. attn)", same_pa_tome), ("ToMe + prop. attn", fixed("tome+pa"))]
+
+    def factor_cmp(task: str, base: Optional[str]) -> list:
+        strongest = STRONGEST_TOME[ablate.TASKS[task].bench]
+        return [(f"{base}", fixed(base)), (strongest, fixed(strongest))]
+
+    def final_cmp(task: str, base: Optional[str]) -> list:
+        return [("tome", fixed("tome")), ("tome+pa", fixed("tome+pa"))]
+
+    out = section(metrics, records, args.split, "core", "Core comparison at equal FLOPs", core_cmp, False)
+    out += section(metrics, records, args.split, "factors", "One design choice at a time", factor_cmp)
+    out += section(metrics, records, args.split, "custom", "Candidates and final settings", final_cmp, False)
     text = "\n".join(out) + "\n"
     if args.out == "-":
         print(text)
