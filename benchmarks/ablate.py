@@ -222,8 +222,16 @@ def candidate_configs(task: TaskDef) -> dict[str, dict]:
     """Settings proposed from the factor tables, checked at every budget before choosing the defaults."""
     if task.bench == "vision":
         return {"bsm+pa (plain defaults, matching=bsm)": dict(algorithm="pitome", prop_attn=True, matching="bsm"),
-                "deit+pa, matching=bsm": dict(algorithm="pitome", preset="deit", prop_attn=True, matching="bsm")}
-    return {"bert, matching=bsm": dict(algorithm="pitome_text", preset="bert", matching="bsm")}
+                "deit+pa, matching=bsm": dict(algorithm="pitome", preset="deit", prop_attn=True, matching="bsm"),
+                "bsm+pa, metric=hidden": dict(algorithm="pitome", prop_attn=True, matching="bsm", metric="hidden"),
+                "tome+pa, metric=hidden": dict(algorithm="tome", prop_attn=True, metric="hidden")}
+    return {"bert, matching=bsm": dict(algorithm="pitome_text", preset="bert", matching="bsm"),
+            "bert, matching=bsm, metric=hidden": dict(algorithm="pitome_text", preset="bert", matching="bsm",
+                                                      metric="hidden"),
+            "bert, matching=bsm, metric=hidden, size-weighted": dict(algorithm="pitome_text", preset="bert",
+                                                                     matching="bsm", metric="hidden",
+                                                                     size_weighted=True),
+            "tome, metric=hidden": dict(algorithm="tome", metric="hidden")}
 
 
 def factor_configs(task: TaskDef, base: dict) -> dict[str, dict]:
@@ -253,6 +261,12 @@ def factor_configs(task: TaskDef, base: dict) -> dict[str, dict]:
     if not text:
         out["alpha=0.5"] = v(alpha=0.5)
         out["alpha=2"] = v(alpha=2.0)
+        out["layers=first 6 (equal FLOPs)"] = v(layers=list(range(6)))
+        out["layers=2-11 (equal FLOPs)"] = v(layers=list(range(2, 12)))
+    elif task.layers is not None and len(task.layers) == 3:
+        out["layers=all 6 (equal FLOPs)"] = v(layers=list(range(6)))
+    else:
+        out["layers=first 3 (equal FLOPs)"] = v(layers=[0, 1, 2])
     return out
 
 
@@ -275,7 +289,9 @@ def _spec(task: TaskDef, bench: Bench, split: str, kwargs: dict, ratio: float) -
     kwargs = dict(kwargs)
     schedule = kwargs.pop("schedule", "ratio")
     algorithm = kwargs.pop("algorithm")
-    if task.layers is not None:
+    if "layers" in kwargs:  # other blocks merge: the keep-ratio whose FLOPs equal the task's at ``ratio``
+        ratio = _ratio_for_layers(task, bench, split, algorithm, kwargs, ratio)
+    elif task.layers is not None:
         kwargs["layers"] = list(task.layers)
     if schedule == "ratio":
         return MergeSpec.make(algorithm, ratio=ratio, **kwargs)
@@ -287,6 +303,29 @@ def _spec(task: TaskDef, bench: Bench, split: str, kwargs: dict, ratio: float) -
         r, _, _ = match_r(bench.model.encoder_shape(), settings.num_layers, settings.num_protected,
                           bench.lengths[split], ratio, layers)
     return MergeSpec.make(algorithm, r=r, **kwargs)
+
+
+def _ratio_for_layers(task: TaskDef, bench: Bench, split: str, algorithm: str, kwargs: dict, ratio: float) -> float:
+    """Keep-ratio for the blocks in kwargs['layers'] with the mean FLOPs of ``ratio`` in the task's blocks."""
+    from pitome.schedule import resolve_budgets
+    from pitome.tasks.sweep import _mean_macs
+
+    target_model = bench.model.target
+    with pitome.patched(target_model, algorithm, r=0, **{k: v for k, v in kwargs.items() if k != "layers"}):
+        settings = pitome.settings(target_model)
+    n, protected, shape = settings.num_layers, settings.num_protected, bench.model.encoder_shape()
+    lengths = bench.lengths[split]
+
+    def macs(value: float, layers: Any) -> float:
+        return _mean_macs(shape, resolve_budgets(n, ratio=value, layers=layers), lengths, protected)
+
+    target = macs(ratio, list(task.layers) if task.layers is not None else None)
+    lo, hi = 1e-3, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if macs(mid, kwargs["layers"]) < target else (lo, mid)
+    best = min((lo, hi), key=lambda v: abs(macs(v, kwargs["layers"]) - target))
+    return round(best, 4)
 
 
 def _key(*parts: Any) -> str:
@@ -312,7 +351,9 @@ def run_one(bench: Bench, split: str, spec: MergeSpec, tag: str) -> dict:
 def per_item(bench: Bench, run: dict, reference: dict) -> dict[str, np.ndarray]:
     """Per-item correctness (probe, and caption retrieval for vision) and cosine to the unmerged embedding."""
     feats = run["outputs"].float()
-    out = {"acc": (bench.probe.predict(feats.numpy()) == run["labels"]).numpy().astype(np.float64),
+    predicted = bench.probe.predict(feats.numpy())
+    out = {"acc": (predicted == run["labels"]).numpy().astype(np.float64),
+           "agree": (predicted == bench.probe.predict(reference["outputs"].float().numpy())).numpy().astype(np.float64),
            "cos": torch.nn.functional.cosine_similarity(feats, reference["outputs"].float(), dim=-1).numpy()}
     if bench.retrieval is not None:
         ret = bench.retrieval

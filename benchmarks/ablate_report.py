@@ -52,7 +52,8 @@ class Metrics:
             bench = ablate.get_bench(task.bench)
             run = torch.load(ablate._cache_dir() / name, map_location="cpu", weights_only=False)
             ref = self.reference(bench, entry["split"])
-            self.cache[name] = {**ablate.per_item(bench, run, ref), "gflops": run["gflops"], "r": run["r"]}
+            self.cache[name] = {**ablate.per_item(bench, run, ref), "gflops": run["gflops"], "r": run["r"],
+                                 "ratio": run["ratio"]}
         return self.cache[name]
 
     def reference(self, bench: "ablate.Bench", split: str) -> dict:
@@ -82,7 +83,7 @@ def table(metrics: Metrics, records: dict, task: str, split: str, ratio: float, 
     """One markdown table: a row per config; for each baseline column, Δacc [CI] p and Δcos [CI]."""
     tdef = ablate.TASKS[task]
     vision = tdef.bench == "vision"
-    head = ["setting", "GFLOPs", "acc %", "cos"] + (["i2t R@1"] if vision else [])
+    head = ["setting", "GFLOPs", "acc %", "agree %", "cos"] + (["i2t R@1"] if vision else [])
     for title, _ in baselines:
         head += [f"Δacc vs {title}", f"Δcos vs {title}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -92,7 +93,9 @@ def table(metrics: Metrics, records: dict, task: str, split: str, ratio: float, 
             continue
         m = metrics.get(entry)
         label = name + (f" (r={m['r']})" if show_r and m.get("r") is not None else "")
-        cells = [label, f"{m['gflops']:.2f}", _pct(m["acc"]), f"{m['cos'].mean():.3f}"]
+        if m.get("ratio") is not None and abs(m["ratio"] - ratio) > 1e-9:
+            label += f" (ratio {m['ratio']:g})"
+        cells = [label, f"{m['gflops']:.2f}", _pct(m["acc"]), _pct(m["agree"]), f"{m['cos'].mean():.3f}"]
         if vision:
             cells.append(_pct(m["i2t"]))
         for _, pick in baselines:

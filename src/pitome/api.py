@@ -35,8 +35,8 @@ def patch(
     algorithm: 'pitome' (default), 'pitome_text', 'pitome_bsm', 'tome', ... or one name per block.
     ratio:     keep-ratio per merging block (PiToMe's schedule), default 0.9 when neither ratio nor r is given.
     r:         tokens removed per merging block (ToMe's schedule), or (r, inflection), or a per-block list.
-    preset:    official per-family settings ('deit', 'mae', 'clip', 'bert', 'paper', ...); explicit
-               arguments override the preset.
+    preset:    official per-family settings ('deit', 'mae', 'clip', 'bert', 'paper', ...), or 'auto' (our
+               measured defaults for the model's family, vision or text); explicit arguments override the preset.
     options:   algorithm options (e.g. margin, margin_decay, alpha, energy, split, matching); a list
                gives one value per block.
     Patching a patched model reconfigures it (it is unpatched first, never wrapped twice); invalid
@@ -46,7 +46,8 @@ def patch(
     num_layers = adapter.num_layers(model)
     config = build_config(
         num_layers, algorithm, ratio, r, preset=preset, layers=layers, prop_attn=prop_attn,
-        size_weighted=size_weighted, metric=metric, trace_source=trace_source, seed=seed, **options,
+        size_weighted=size_weighted, metric=metric, trace_source=trace_source, seed=seed,
+        family=getattr(adapter, "family", None) or None, **options,
     )
     merge_settings = resolve(config, num_layers, adapter.num_protected(model))
     if is_patched(model):

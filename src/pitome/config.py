@@ -143,13 +143,50 @@ PRESETS: dict[str, tuple[Callable[[int], dict], str]] = {
 }
 
 
+# --- preset 'auto': our defaults per model family, chosen by the ablation in docs/ablation.md ---------------
+
+FAMILIES = ("vision", "text")
+
+
+def _auto_vision(num_layers: int) -> dict:
+    """Energy-ordered bipartite matching (no protection) + proportional attention: ties ToMe + prop. attn on
+    accuracy with embeddings closer to the unmerged model; protection and no prop. attn lose (docs/ablation.md)."""
+    return dict(algorithm="pitome", prop_attn=True, metric="keys", size_weighted=True,
+                options=dict(margin=0.9, margin_decay=0.9, alpha=1.0, energy="elu", split="alternate",
+                             matching="bsm"))
+
+
+def _auto_text(num_layers: int) -> dict:
+    """ToMe's bipartite matching on hidden states, no proportional attention: on text no PiToMe setting we
+    measured beat it (ties on accuracy, embeddings clearly closer to the unmerged model; docs/ablation.md)."""
+    return dict(algorithm="tome", prop_attn=False, metric="hidden", size_weighted=True, options={})
+
+
+AUTO: dict[str, Callable[[int], dict]] = {"vision": _auto_vision, "text": _auto_text}
+
+
+def _auto_unbound(num_layers: int) -> dict:
+    raise ValueError("preset 'auto' depends on the model family; pitome.patch knows it from the model, "
+                     f"elsewhere call preset_config('auto', num_layers, family=...) with family in {FAMILIES}")
+
+
+PRESETS["auto"] = (_auto_unbound, "our defaults per model family (vision / text), chosen by measurements on real "
+                                  "offline models at equal FLOPs (docs/ablation.md); the family comes from the adapter")
+
+
 def available_presets() -> list[str]:
     return sorted(PRESETS)
 
 
-def preset_config(name: str, num_layers: int) -> dict:
+def preset_config(name: str, num_layers: int, family: Optional[str] = None) -> dict:
+    """A preset's settings; ``family`` ('vision' / 'text', from the adapter) is needed by 'auto' only."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
+    if name == "auto":
+        if family not in AUTO:
+            raise ValueError(f"preset 'auto' needs the model family, one of {FAMILIES}; got {family!r} "
+                             "(a custom adapter can declare it with a class attribute family = 'vision' or 'text')")
+        return AUTO[family](num_layers)
     return PRESETS[name][0](num_layers)
 
 
@@ -215,10 +252,11 @@ def build_config(
     trace_source: bool = False,
     seed: Optional[int] = None,
     default_ratio: float = 0.9,
+    family: Optional[str] = None,
     **options: Any,
 ) -> MergeConfig:
-    """Merge a preset (if any) with explicit arguments; explicit arguments win."""
-    base: dict = preset_config(preset, num_layers) if preset is not None else {}
+    """Merge a preset (if any) with explicit arguments; explicit arguments win. ``family``: see preset 'auto'."""
+    base: dict = preset_config(preset, num_layers, family) if preset is not None else {}
     explicit = dict(algorithm=algorithm, layers=layers, prop_attn=prop_attn, size_weighted=size_weighted,
                     metric=metric)
     fields = {**base, **{k: v for k, v in explicit.items() if v is not None}}

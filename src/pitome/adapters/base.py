@@ -27,6 +27,7 @@ class UnsupportedModelError(TypeError):
 class Adapter:
     name: ClassVar[str] = ""
     supports: ClassVar[str] = ""
+    family: ClassVar[str] = ""  # 'vision' or 'text': picks the defaults of preset='auto'
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:  # pragma: no cover - interface

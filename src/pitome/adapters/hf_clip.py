@@ -234,6 +234,7 @@ _VISION_ROOTS: dict[str, tuple[Optional[str], type]] = {
 
 class HFClipAdapter(Adapter):
     name = "hf_clip"
+    family = "vision"
     supports = (f"Hugging Face CLIP / SigLIP vision (transformers {SUPPORTED_TRANSFORMERS}, attn 'sdpa' or 'eager'): "
                 f"{', '.join(_VISION_ROOTS)} (CLIPModel / SiglipModel: the vision tower; patch "
                 f"model.text_model separately to merge CLIP text tokens)")
@@ -272,6 +273,7 @@ _TEXT_ROOTS = {"CLIPTextModel": None, "CLIPTextModelWithProjection": "text_model
 
 class HFClipTextAdapter(Adapter):
     name = "hf_clip_text"
+    family = "text"
     supports = (f"Hugging Face CLIP text tower (transformers {SUPPORTED_TRANSFORMERS}, attn 'sdpa' or 'eager'): "
                 f"CLIPTextModel, CLIPTextModelWithProjection (e.g. pitome.patch(clip_model.text_model, ...))")
 

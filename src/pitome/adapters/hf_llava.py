@@ -294,6 +294,7 @@ def _restore_prompt(out: Any, prompt: Tensor, short_length: int) -> Any:
 
 class HFLlavaAdapter(Adapter):
     name = "hf_llava"
+    family = "vision"
     supports = (f"Hugging Face LLaVA (transformers {SUPPORTED_TRANSFORMERS}): LlavaForConditionalGeneration / "
                 f"LlavaModel with a {' or '.join(VISION_TOWERS)} vision tower (attn 'sdpa' or 'eager')")
 

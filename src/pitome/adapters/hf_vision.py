@@ -373,6 +373,7 @@ def check_layer(index: int, layer: nn.Module, parts: Sequence[str]) -> None:
 
 class HFViTAdapter(Adapter):
     name = "hf_vit"
+    family = "vision"
     supports = ("Hugging Face ViTModel / ViTForImageClassification, DeiTModel / DeiTForImageClassification"
                 "(WithTeacher), Dinov2Model / Dinov2ForImageClassification, Dinov2WithRegistersModel / "
                 f"Dinov2WithRegistersForImageClassification (transformers{SUPPORTED_TRANSFORMERS}; "

@@ -130,6 +130,7 @@ class _PatchedViT:
 
 class TimmViTAdapter(Adapter):
     name = "timm_vit"
+    family = "vision"
     supports = ("timm VisionTransformer family (ViT/AugReg, DeiT incl. distilled, DeiT-III, MAE-style "
                 "global pool, qk-norm, register tokens) with timm >= 1.0.17 Block/Attention modules")
 
