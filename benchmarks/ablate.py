@@ -231,7 +231,11 @@ def candidate_configs(task: TaskDef) -> dict[str, dict]:
             "bert, matching=bsm, metric=hidden, size-weighted": dict(algorithm="pitome_text", preset="bert",
                                                                      matching="bsm", metric="hidden",
                                                                      size_weighted=True),
-            "tome, metric=hidden": dict(algorithm="tome", metric="hidden")}
+            # (recorded before the fix below as "tome, metric=hidden": prop. attn was left at its default, on)
+            "tome+pa, metric=hidden": dict(algorithm="tome", prop_attn=True, metric="hidden"),
+            "tome, metric=hidden, no prop. attn": dict(algorithm="tome", prop_attn=False, metric="hidden"),
+            "bert, matching=bsm, metric=hidden, prop. attn": dict(algorithm="pitome_text", preset="bert",
+                                                                  matching="bsm", metric="hidden", prop_attn=True)}
 
 
 def factor_configs(task: TaskDef, base: dict) -> dict[str, dict]:
@@ -332,9 +336,17 @@ def _key(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def run_file(bench: Bench, split: str, spec: MergeSpec) -> str:
+    """Cache file of a pass. preset='auto' changes as we learn, so its key holds what it resolves to."""
+    parts: list = [spec.algorithm, spec.ratio, spec.r, spec.kwargs]
+    if spec.options.get("preset") == "auto":
+        parts.append(resolved(bench, spec))
+    return f"{bench.name}_{split}_{_key(*parts)}.pt"
+
+
 def run_one(bench: Bench, split: str, spec: MergeSpec, tag: str) -> dict:
     """Outputs of one pass (cached)."""
-    name = f"{bench.name}_{split}_{_key(spec.algorithm, spec.ratio, spec.r, spec.kwargs)}.pt"
+    name = run_file(bench, split, spec)
 
     def compute() -> dict:
         start = time.perf_counter()
@@ -399,7 +411,7 @@ def run_configs(task: TaskDef, split: str, configs: dict[str, dict], ratios: Seq
             tag = f"{task.name} {split} {ratio:g} {name}"
             run = run_one(bench, split, spec, tag)
             record({"task": task.name, "split": split, "ratio": ratio, "config": name, "stage": stage, "base": base,
-                    "kwargs": kwargs, "file": f"{bench.name}_{split}_{_key(spec.algorithm, spec.ratio, spec.r, spec.kwargs)}.pt",
+                    "kwargs": kwargs, "file": run_file(bench, split, spec),
                     "gflops": run["gflops"], "r": run["r"], "resolved": resolved(bench, spec)})
 
 

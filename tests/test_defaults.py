@@ -15,7 +15,7 @@ from pitome.config import FAMILIES, MergeConfig, build_config, preset_config
 AUTO_VISION = dict(algorithm="pitome", prop_attn=True, metric="keys", size_weighted=True,
                    options=dict(margin=0.9, margin_decay=0.9, alpha=1.0, energy="elu", split="alternate",
                                 matching="bsm"))
-AUTO_TEXT = dict(algorithm="tome", prop_attn=False, metric="hidden", size_weighted=True, options={})
+AUTO_TEXT = dict(algorithm="tome", prop_attn=True, metric="hidden", size_weighted=True, options={})
 
 # pitome.patch(model) without a preset: the paper's PiToMe (kept; see docs/ablation.md, "Plain defaults")
 PLAIN_CONFIG = dict(algorithm="pitome", prop_attn=True, size_weighted=True, metric="keys", layers=None)
@@ -88,7 +88,7 @@ def test_auto_on_a_text_model():
     model = transformers.BertModel(config).eval()
     pitome.patch(model, preset="auto", ratio=0.8)
     merge_config, algorithm = _resolved(model)
-    assert merge_config.prop_attn is False and merge_config.size_weighted is True
+    assert merge_config.prop_attn is True and merge_config.size_weighted is True
     assert merge_config.metric == "hidden" and merge_config.layers is None
     assert type(algorithm).name == "tome"
     ids = torch.randint(1, 50, (2, 24))
