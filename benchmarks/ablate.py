@@ -500,15 +500,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rep = sub.add_parser("report")
     rep.add_argument("--out", default="-")
     rep.add_argument("--split", default="dev", choices=["dev", "heldout"])
+    rep.add_argument("--doc", help="regenerate the tables of this markdown file (below its marker)")
     args = parser.parse_args(argv)
     if args.command == "run":
         cmd_run(args)
     elif args.command == "time":
         cmd_time(args)
     else:
-        from ablate_report import write_report  # noqa: PLC0415  (benchmarks/ablate_report.py)
+        from ablate_report import write_doc, write_report  # noqa: PLC0415  (benchmarks/ablate_report.py)
 
-        write_report(args)
+        if args.doc:
+            write_doc(args.doc)
+        else:
+            write_report(args)
     return 0
 
 
