@@ -6,8 +6,8 @@ Tasks (all offline, see ``pitome.zoo``; none of them is a paper benchmark):
   fmnist  Fashion-MNIST, DINOv2-S/14 at 224 px + linear probe, all 12 blocks         (keep-ratios 0.9 / 0.85 / 0.8)
           (+ caption retrieval i2t R@1 with the offline dual encoder's projections, on the same pass)
 
-Each dataset has a DEV split (500 items, used for every comparison) and a disjoint HELD-OUT split (500 items,
-evaluated once, at the end, for the chosen defaults only). Probes are fit on unmerged features of a third,
+Each dataset has a DEV split (500 items, used for every comparison and choice) and a disjoint HELD-OUT split
+(500 items, evaluated at the end, for the chosen defaults and the references). Probes are fit on unmerged features of a third,
 disjoint training split. Every setting is compared with ToMe on the same items with paired statistics
 (``pitome.stats``: bootstrap 95% interval of the difference, exact McNemar test).
 
@@ -17,8 +17,12 @@ Usage:
   python benchmarks/ablate.py run --stage core [--tasks bbc3 bbc6 fmnist] [--split dev]
   python benchmarks/ablate.py run --stage factors --base official+pa --ratios 0.85   (one budget per task)
   python benchmarks/ablate.py run --configs auto official tome tome+pa --split heldout
-  python benchmarks/ablate.py report --out docs/ablation_tables.md
+  python benchmarks/ablate.py report --split dev --out dev.md                         (tables of one split)
+  python benchmarks/ablate.py report --doc docs/ablation.md                           (regenerate the doc's tables)
   python benchmarks/ablate.py time                                                     (cost of one pass)
+
+docs/ablation.md lists the exact commands of the published run. The runs are recorded in
+``$PITOME_CACHE/ablate/runs.jsonl`` (latest record per task, split, budget and setting wins).
 """
 
 from __future__ import annotations
