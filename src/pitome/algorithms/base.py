@@ -92,6 +92,13 @@ class MergeAlgorithm:
         for FLOPs accounting (``pitome.flops``); default: bipartite matching, a ceil(T/2) x floor(T/2) similarity."""
         return ((tokens + 1) // 2) * (tokens // 2) * dim
 
+    @staticmethod
+    def all_but_one(candidates: "Tensor | int") -> "Tensor | int":
+        """Cap for methods that can reduce the candidates to a single token (pruning, DCT, fusion)."""
+        if isinstance(candidates, Tensor):
+            return (candidates - 1).clamp_min(0)
+        return max(candidates - 1, 0)
+
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []

@@ -70,9 +70,7 @@ class DCT(MergeAlgorithm):
 
     def max_removable(self, candidates: "Tensor | int") -> "Tensor | int":
         """Down to a single (DC) coefficient."""
-        if isinstance(candidates, Tensor):
-            return (candidates - 1).clamp_min(0)
-        return max(candidates - 1, 0)
+        return self.all_but_one(candidates)
 
     def plan(self, request: MergeRequest) -> MergePlan:
         head = request.num_protected

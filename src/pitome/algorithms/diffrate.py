@@ -21,10 +21,9 @@ import torch
 from torch import Tensor
 
 from ..plan import MergePlan, build_plan
-from .base import MergeAlgorithm, MergeRequest, sorted_desc
-from .evit import mergeable_attention
-from .kth import candidates_or_all, cosine
-from .pitome import inverse_permutation
+from .base import MergeAlgorithm, MergeRequest
+from .evit import attention_ranking
+from .kth import cosine
 
 __all__ = ["DiffRate"]
 
@@ -46,23 +45,15 @@ class DiffRate(MergeAlgorithm):
 
     def max_removable(self, candidates: "Tensor | int") -> "Tensor | int":
         """Everything but one kept token (a merge destination)."""
-        if isinstance(candidates, Tensor):
-            return (candidates - 1).clamp_min(0)
-        return max(candidates - 1, 0)
+        return self.all_but_one(candidates)
 
     def split_budget(self, r: Tensor) -> Tensor:
         """Tokens pruned out of r (the rest is merged)."""
         return torch.floor(r.to(torch.float64) * float(self.prune_fraction) + 0.5).to(torch.long).clamp(max=r)
 
     def plan(self, request: MergeRequest) -> MergePlan:
-        att = mergeable_attention(request, self.name)
-        cand = candidates_or_all(request)
-        batch, tokens = cand.shape
-        positions = torch.arange(tokens, device=cand.device).expand(batch, tokens)
-        order = sorted_desc(att.masked_fill(~cand, float("-inf")))
-        rank = inverse_permutation(order)
-        count = cand.sum(dim=1, keepdim=True)
-        r = request.r.unsqueeze(1)
+        _, cand, positions, _, rank, count, r = attention_ranking(request, self.name)
+        tokens = cand.shape[1]
         pruned = self.split_budget(r)
         kept = cand & (rank < count - r)
         dropped = cand & (rank >= count - pruned)

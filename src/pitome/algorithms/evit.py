@@ -13,7 +13,7 @@ This file also holds ``mergeable_attention``, the shared check for algorithms th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from .base import MergeAlgorithm, MergeRequest, sorted_desc
 from .kth import candidates_or_all
 from .pitome import inverse_permutation
 
-__all__ = ["EViT", "mergeable_attention"]
+__all__ = ["EViT", "mergeable_attention", "attention_ranking"]
 
 
 def mergeable_attention(request: MergeRequest, name: str) -> Tensor:
@@ -40,6 +40,28 @@ def mergeable_attention(request: MergeRequest, name: str) -> Tensor:
     if tuple(att.shape) != (batch, tokens):
         raise ValueError(f"request.attention must have shape (B, N) = {(batch, tokens)}, got {tuple(att.shape)}")
     return att[:, request.num_protected :].float()
+
+
+class AttentionRanking(NamedTuple):
+    """Candidates ranked by the attention they receive (most attended first); shared by EViT and DiffRate."""
+
+    attention: Tensor  # (B, T) float32
+    cand: Tensor  # (B, T) bool
+    positions: Tensor  # (B, T)
+    order: Tensor  # (B, T) token indices, most attended first
+    rank: Tensor  # (B, T) rank of each token in that order
+    count: Tensor  # (B, 1) number of candidates
+    r: Tensor  # (B, 1) tokens to remove
+
+
+def attention_ranking(request: MergeRequest, name: str) -> AttentionRanking:
+    att = mergeable_attention(request, name)
+    cand = candidates_or_all(request)
+    batch, tokens = cand.shape
+    positions = torch.arange(tokens, device=cand.device).expand(batch, tokens)
+    order = sorted_desc(att.masked_fill(~cand, float("-inf")))
+    return AttentionRanking(att, cand, positions, order, inverse_permutation(order),
+                            cand.sum(dim=1, keepdim=True), request.r.unsqueeze(1))
 
 
 def check_bool(value: object, name: str) -> bool:
@@ -63,19 +85,11 @@ class EViT(MergeAlgorithm):
 
     def max_removable(self, candidates: "Tensor | int") -> "Tensor | int":
         """Everything but one token (the fused one, or the most attended one without fusion)."""
-        if isinstance(candidates, Tensor):
-            return (candidates - 1).clamp_min(0)
-        return max(candidates - 1, 0)
+        return self.all_but_one(candidates)
 
     def plan(self, request: MergeRequest) -> MergePlan:
-        att = mergeable_attention(request, self.name)
-        cand = candidates_or_all(request)
-        batch, tokens = cand.shape
-        positions = torch.arange(tokens, device=cand.device).expand(batch, tokens)
-        order = sorted_desc(att.masked_fill(~cand, float("-inf")))
-        rank = inverse_permutation(order)
-        count = cand.sum(dim=1, keepdim=True)
-        r = request.r.unsqueeze(1)
+        att, cand, positions, order, rank, count, r = attention_ranking(request, self.name)
+        tokens = cand.shape[1]
         key = torch.where(cand, rank.to(torch.float32), 2 * tokens + positions.to(torch.float32))
         if not self.fuse:
             target = torch.where(cand & (rank >= count - r), -1, positions)
