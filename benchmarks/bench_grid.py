@@ -16,15 +16,12 @@ Smoke: python benchmarks/bench_grid.py --quick
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-import pitome.algorithms.pitome as pitome_algorithm
 from pitome.algorithms import MergeRequest, create_algorithm
 from pitome.bench import BenchOptions, BenchResult, Variant, bench, load_model, parse_device, parse_dtype
 
@@ -73,34 +70,12 @@ def check_targets(result: BenchResult) -> list[str]:
     return lines
 
 
-def _exp_based_energy(sim, margin, kind="elu", alpha=1.0, valid=None):
-    """ELU energy written as relu(x) + alpha (exp(min(x, 0)) - 1): same maths as the library's F.elu (expm1),
-    different float rounding (<= ~1e-7). NOT the library default; measured here to show what it would buy."""
-    if kind != "elu" or valid is not None:
-        return _EXACT_ENERGY(sim, margin, kind, alpha, valid)
-    f = sim - margin
-    negative = f.clamp(max=0.0).exp_().sub_(1.0).mul_(alpha)
-    return f.clamp_(min=0.0).add_(negative).mean(dim=-1)
-
-
-_EXACT_ENERGY = pitome_algorithm.energy_scores
-
-
-@contextlib.contextmanager
-def _energy(function) -> Iterator[None]:
-    pitome_algorithm.energy_scores = function
-    try:
-        yield
-    finally:
-        pitome_algorithm.energy_scores = _EXACT_ENERGY
-
-
 def merge_step_table(cases: list[tuple[int, int, int]], device: str, dtype: str, reps: int = 15) -> str:
     """One merge step in isolation (plan + apply on random keys), PiToMe vs ToMe removing the same count."""
     dev, dt = parse_device(device), parse_dtype(dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    lines = ["| tokens | batch | r | ToMe plan ms | PiToMe plan ms | PiToMe plan ms, exp-based ELU* | apply ms | "
-             "PiToMe / ToMe step | same, exp-based ELU* |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| tokens | batch | r | ToMe plan ms | PiToMe plan ms | apply ms | PiToMe / ToMe step (plan + apply) |",
+             "|---|---|---|---|---|---|---|"]
     for tokens, batch, dim in cases:
         g = torch.Generator().manual_seed(0)
         metric = torch.randn(batch, tokens, 64, generator=g).to(dev, dt)
@@ -112,22 +87,16 @@ def merge_step_table(cases: list[tuple[int, int, int]], device: str, dtype: str,
         plan = pitome_alg.plan(request)
         jobs = {"tome": lambda: tome.plan(request), "pitome": lambda: pitome_alg.plan(request),
                 "apply": lambda: plan.merge(x, size)}
-        times: dict[str, list[float]] = {k: [] for k in (*jobs, "pitome_exp")}
+        times: dict[str, list[float]] = {k: [] for k in jobs}
         with torch.inference_mode():
             for _ in range(reps + 1):
                 for key, job in jobs.items():
                     sync(); start = time.perf_counter(); job(); sync()
                     times[key].append(time.perf_counter() - start)
-                with _energy(_exp_based_energy):
-                    sync(); start = time.perf_counter(); pitome_alg.plan(request); sync()
-                    times["pitome_exp"].append(time.perf_counter() - start)
         ms = {k: 1000 * statistics.median(v[1:]) for k, v in times.items()}
         step = (ms["pitome"] + ms["apply"]) / (ms["tome"] + ms["apply"])
-        step_exp = (ms["pitome_exp"] + ms["apply"]) / (ms["tome"] + ms["apply"])
-        lines.append(f"| {tokens} | {batch} | {r} | {ms['tome']:.2f} | {ms['pitome']:.2f} | {ms['pitome_exp']:.2f} | "
-                     f"{ms['apply']:.2f} | {step:.2f}x | {step_exp:.2f}x |")
-    lines.append("\n*exp-based ELU: relu(x) + alpha (exp(min(x, 0)) - 1) instead of F.elu (expm1); same maths, "
-                 "rounding differs by <= ~1e-7; not what the library runs.")
+        lines.append(f"| {tokens} | {batch} | {r} | {ms['tome']:.2f} | {ms['pitome']:.2f} | {ms['apply']:.2f} | "
+                     f"{step:.2f}x |")
     return "\n".join(lines)
 
 

@@ -33,7 +33,8 @@ def inverse_permutation(perm: Tensor) -> Tensor:
 
 
 def energy_scores(
-    sim: Tensor, margin: "float | Tensor", kind: str = "elu", alpha: float = 1.0, valid: Optional[Tensor] = None
+    sim: Tensor, margin: "float | Tensor", kind: str = "elu", alpha: float = 1.0, valid: Optional[Tensor] = None,
+    overwrite: bool = False,
 ) -> Tensor:
     """Mean over neighbours j of f(S_ij); padding columns (valid False) are left out of the mean.
 
@@ -44,17 +45,24 @@ def energy_scores(
     gaussian: exp(-((1 - S) / sigma)^2 / 2) with sigma = 1 - m (official text variant; the constant
               factor 1 / (sigma sqrt(2 pi)) is dropped since it does not change the ranking).
 
-    Speed and memory: f is built in place in one temporary of sim's shape (not one per operation), and for
-    long sequences (T >= ENERGY_CHUNK_TOKENS) row chunks bound that temporary to ~ENERGY_CHUNK_ELEMENTS.
+    overwrite: sim may be used as the work buffer (its values are destroyed); saves one T x T copy.
+
+    Speed and memory: the merge step's hot loop, so each T x T pass counts. With c = min(S, m),
+    ELU(S - m) = (S - c) + alpha (e^-m e^c - 1) and Eq. (4) = [S >= m] S + alpha (e^-m e^c - 1), so the mean
+    needs row sums of S, of c and of e^c: clamp and exp in place, three row sums, no other T x T temporary
+    (values equal the plain formulas to float rounding, ~1e-7). For long sequences
+    (T >= ENERGY_CHUNK_TOKENS) row chunks bound the work buffer to ~ENERGY_CHUNK_ELEMENTS.
     """
     if kind not in ENERGIES:
         raise ValueError(f"energy must be one of {ENERGIES}, got {kind!r}")
     w = None if valid is None else valid.to(sim.dtype)
     rows, tokens = sim.shape[-2], sim.shape[-1]
+    if sim.requires_grad and torch.is_grad_enabled():
+        return _energy_differentiable(sim, margin, kind, alpha, w)
     if tokens < ENERGY_CHUNK_TOKENS:
-        return _energy_rows(sim, margin, kind, alpha, w)
+        return _energy_rows(sim if overwrite else sim.clone(), margin, kind, alpha, w)
     step = max(1, ENERGY_CHUNK_ELEMENTS // max(1, sim.shape[0] * tokens))
-    parts = [_energy_rows(sim[:, i : i + step], margin, kind, alpha, w) for i in range(0, rows, step)]
+    parts = [_energy_rows(sim[:, i : i + step].clone(), margin, kind, alpha, w) for i in range(0, rows, step)]
     return torch.cat(parts, dim=-1)
 
 
@@ -62,29 +70,36 @@ ENERGY_CHUNK_TOKENS = 4096
 ENERGY_CHUNK_ELEMENTS = 1 << 24
 
 
-def _energy_rows(sim: Tensor, margin: float, kind: str, alpha: float, w: Optional[Tensor]) -> Tensor:
-    """energy_scores on a block of rows; same operations, in the same order, as the plain formulas."""
-    if sim.requires_grad and torch.is_grad_enabled():  # differentiable use: no in-place operations
-        f = {"elu": lambda: F.elu(sim - margin, alpha=alpha),
-             "paper": lambda: torch.where(sim >= margin, sim, alpha * torch.expm1(sim - margin)),
-             "gaussian": lambda: torch.exp(-0.5 * ((1.0 - sim) / (1.0 - margin)) ** 2)}[kind]()
-        return f.mean(dim=-1) if w is None else (f * w.unsqueeze(1)).sum(dim=-1) / w.sum(dim=-1, keepdim=True).clamp_min(1.0)
-    # exp(z) - 1 rather than expm1 / F.elu: same values to ~1e-7, and much faster on CPUs where torch's
-    # vectorised expm1 is slow (13x seen on AVX-512); only near-exact ties can rank differently.
-    if kind == "elu":
-        f = sim - margin
-        positive = f.clamp_min(0)
-        f.clamp_max_(0).exp_().sub_(1).mul_(alpha).add_(positive)
-    elif kind == "paper":
-        f = sim - margin
-        f.exp_().sub_(1).mul_(alpha)
-        torch.where(sim >= margin, sim, f, out=f)
+def _energy_differentiable(sim: Tensor, margin: "float | Tensor", kind: str, alpha: float,
+                           w: Optional[Tensor]) -> Tensor:
+    """The plain formulas, no in-place operations (for gradients through the energy)."""
+    f = {"elu": lambda: F.elu(sim - margin, alpha=alpha),
+         "paper": lambda: torch.where(sim >= margin, sim, alpha * torch.expm1(sim - margin)),
+         "gaussian": lambda: torch.exp(-0.5 * ((1.0 - sim) / (1.0 - margin)) ** 2)}[kind]()
+    return f.mean(dim=-1) if w is None else (f * w.unsqueeze(1)).sum(dim=-1) / w.sum(dim=-1, keepdim=True).clamp_min(1.0)
+
+
+def _energy_rows(work: Tensor, margin: "float | Tensor", kind: str, alpha: float, w: Optional[Tensor]) -> Tensor:
+    """energy_scores on a block of rows, destroying ``work`` (B, rows, T)."""
+    def row_sum(t: Tensor) -> Tensor:
+        return t.sum(dim=-1) if w is None else (t @ w.unsqueeze(-1)).squeeze(-1)
+
+    count = float(work.shape[-1]) if w is None else w.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    if isinstance(margin, Tensor):  # one margin per sample: (B, 1, 1) for T x T work, (B, 1) for row sums
+        margin = margin.to(work.device, work.dtype)
+        row_margin, exp_neg_margin = margin.view(-1, 1), torch.exp(-margin).view(-1, 1)
     else:
-        f = 1.0 - sim
-        f.div_(1.0 - margin).pow_(2).mul_(-0.5).exp_()
-    if w is None:
-        return f.mean(dim=-1)
-    return f.mul_(w.unsqueeze(1)).sum(dim=-1) / w.sum(dim=-1, keepdim=True).clamp_min(1.0)
+        row_margin, exp_neg_margin = margin, math.exp(-margin)
+    if kind == "gaussian":
+        work.sub_(1.0).mul_(1.0 / ((1.0 - margin) * math.sqrt(2.0))).square_().neg_().exp_()
+        return row_sum(work) / count
+    total = row_sum(work)
+    work.clamp_max_(margin)  # c = min(S, m)
+    positive = total - row_sum(work)  # sum of relu(S - m)
+    if kind == "paper":  # [S >= m] S = relu(S - m) + m [S >= m], and c == m exactly where S >= m
+        positive = positive + row_margin * row_sum((work == margin).to(work.dtype))
+    negative = alpha * (exp_neg_margin * row_sum(work.exp_()) - count)  # sum of alpha (exp(c - m) - 1)
+    return (positive + negative) / count
 
 
 @dataclass
@@ -155,15 +170,16 @@ class PiToMe(MergeAlgorithm):
             margin = self.layer_margin(request.layer, request.num_layers)
             if self.energy == "gaussian" and margin >= 1.0:
                 raise ValueError(f"gaussian energy needs margin < 1 at every layer, got {margin}")
-        energy = energy_scores(sim, margin, self.energy, self.alpha, request.valid)
+        energy = energy_scores(sim, margin, self.energy, self.alpha, request.valid, overwrite=True)
+        del sim  # now the energy's work buffer; the matching recomputes the few similarities it needs from k
         if cand is not None:
             energy = energy.masked_fill(~cand, float("-inf"))
         order = sorted_desc(energy)
         if self.matching == "protect":
             draws = _split_draws(request, 2 * request.r_max) if self.split == "random" else None
-            target, key = _protected_matching(sim, order, request.r, request.r_max, self.split, draws)
+            target, key = _protected_matching(k, order, request.r, request.r_max, self.split, draws)
         else:
-            target, key = _bipartite_over_energy(sim, order, request.r, cand)
+            target, key = _bipartite_over_energy(k, order, request.r, cand)
         if cand is not None:
             positions = torch.arange(tokens, device=k.device, dtype=key.dtype)
             key = torch.where(cand, key, 2 * tokens + positions)
@@ -183,6 +199,11 @@ def similarity_quantile(sim: Tensor, q: float, valid: Optional[Tensor] = None) -
     return torch.where(count > 0, out, torch.zeros_like(out))
 
 
+def _rows(k: Tensor, index: Tensor) -> Tensor:
+    """k[b, index[b]]: (B, n, d)."""
+    return k.gather(1, index.unsqueeze(-1).expand(-1, -1, k.shape[-1]))
+
+
 def _split_draws(request: MergeRequest, count: int) -> Tensor:
     """Random keys for the 'random' split, shared by the batch (a batch splits like each sample alone)."""
     gen = request.generator
@@ -191,7 +212,7 @@ def _split_draws(request: MergeRequest, count: int) -> Tensor:
     return torch.rand(count, generator=gen, device=gen.device).to(request.metric.device)
 
 
-def _protected_matching(sim: Tensor, order: Tensor, r: Tensor, r_max: int, split: str,
+def _protected_matching(k: Tensor, order: Tensor, r: Tensor, r_max: int, split: str,
                         draws: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Full PiToMe: the 2r top-energy tokens split into A/B; every A token merges into its best B token.
 
@@ -216,8 +237,7 @@ def _protected_matching(sim: Tensor, order: Tensor, r: Tensor, r_max: int, split
         b_rank = (r_col + j).clamp_max(tokens - 1)
     a_idx = order.gather(1, a_rank)
     b_idx = order.gather(1, b_rank)
-    sim_ab = sim.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, tokens))
-    sim_ab = sim_ab.gather(2, b_idx.unsqueeze(1).expand(-1, r_max, -1))
+    sim_ab = _rows(k, a_idx) @ _rows(k, b_idx).transpose(1, 2)
     sim_ab = sim_ab.masked_fill(~active.unsqueeze(1), float("-inf"))
     dst = b_idx.gather(1, sim_ab.argmax(dim=-1))
     target = torch.arange(tokens, device=device).repeat(batch, 1)
@@ -229,7 +249,7 @@ def _protected_matching(sim: Tensor, order: Tensor, r: Tensor, r_max: int, split
     return target, key
 
 
-def _bipartite_over_energy(sim: Tensor, order: Tensor, r: Tensor, cand: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _bipartite_over_energy(k: Tensor, order: Tensor, r: Tensor, cand: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """pitome_bsm: A = even energy ranks, B = odd; the r A tokens with the best match merge (ToMe-style).
 
     Output order: unmerged A tokens by descending best-match score, then B tokens.
@@ -239,8 +259,7 @@ def _bipartite_over_energy(sim: Tensor, order: Tensor, r: Tensor, cand: Optional
     a_idx = order[:, 0::2]
     b_idx = order[:, 1::2]
     n_a = a_idx.shape[1]
-    sim_ab = sim.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, tokens))
-    sim_ab = sim_ab.gather(2, b_idx.unsqueeze(1).expand(-1, n_a, -1))
+    sim_ab = _rows(k, a_idx) @ _rows(k, b_idx).transpose(1, 2)
     if cand is not None:
         sim_ab = sim_ab.masked_fill(~cand.gather(1, b_idx).unsqueeze(1), float("-inf"))
     node_max, node_arg = sim_ab.max(dim=-1)
