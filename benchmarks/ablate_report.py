@@ -218,7 +218,8 @@ def write_doc(path: str) -> None:
     doc = Path(path)
     head = doc.read_text().split(MARKER)[0].rstrip() + "\n\n" if doc.is_file() else ""
     parts = [head + MARKER, ""]
-    for split, title in (("heldout", "Held-out results (looked at only at the end; see the caveat on the text split)"),
+    for split, title in (("heldout2", "Held-out-2 results (a fresh split, added and looked at once, at the very end)"),
+                         ("heldout", "Held-out results (looked at only at the end; see the caveat on the text split)"),
                          ("dev", "Dev results (every comparison and choice was made on these)")):
         text = write_report(argparse.Namespace(split=split, out="-", doc=True)) or ""
         demoted = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
