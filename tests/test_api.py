@@ -152,6 +152,33 @@ def test_deepcopy_of_a_patched_model(make_vit, images):
         assert torch.equal(clone(x), model(x))
 
 
+def test_torch_save_and_load_of_a_whole_patched_model(make_vit, images, tmp_path):
+    """torch.save(model) pickles the module objects; the patched classes are rebuilt from their parents on load,
+    including in a fresh interpreter that never patched anything."""
+    model, x = make_vit(), images(2)
+    with torch.no_grad():
+        plain = model(x)
+        pitome.patch(model, ratio=0.7, prop_attn=False)
+        merged = model(x)
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    assert pitome.is_patched(loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), merged)
+        assert pitome.info(loaded).tokens_per_layer == pitome.info(model).tokens_per_layer
+        pitome.unpatch(loaded)
+        _no_pitome_left(loaded)
+        assert torch.equal(loaded(x), plain)
+    code = (f"import torch; m = torch.load({str(path)!r}, weights_only=False); "
+            f"x = torch.load({str(tmp_path / 'x.pt')!r}); import pitome; "
+            "print(type(m).__name__, pitome.is_patched(m), float(m(x).sum()))")
+    torch.save(x, tmp_path / "x.pt")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[:2] == ["PiToMeVisionTransformer", "True"]
+    assert abs(float(out[2]) - float(merged.sum())) < 1e-4
+
+
 def test_two_threads_share_one_patched_model(make_vit, images):
     model = pitome.patch(make_vit(), ratio=0.7, trace_source=True)
     inputs = [images(2, seed=10), images(3, seed=11)]

@@ -396,6 +396,22 @@ def test_deepcopy_is_independent():
     assert pitome.info(model).tokens_per_layer[-1] < ids.shape[1]
 
 
+def test_torch_save_and_load_of_a_whole_patched_model(tmp_path):
+    model = _model("bert", head="ForSequenceClassification")
+    ids, mask = _padded_batch("bert")
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+        pitome.patch(model, ratio=0.6)
+        merged = model(ids, attention_mask=mask).logits
+    torch.save(model, tmp_path / "bert.pt")
+    loaded = torch.load(tmp_path / "bert.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask).logits, merged)
+        pitome.unpatch(loaded)
+        assert not pitome.is_patched(loaded)
+        assert torch.equal(loaded(ids, attention_mask=mask).logits, plain)
+
+
 def test_unsupported_models_list_what_is_supported():
     gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50))
     with pytest.raises(UnsupportedModelError, match="BertModel.*DistilBertModel"):

@@ -58,11 +58,30 @@ def swap_class(module: nn.Module, mixin: type) -> None:
     original = module.__class__
     if is_swapped(module):
         raise RuntimeError(f"{original.__name__} is already patched")
+    module.__class__ = swapped_class(mixin, original)
+
+
+def swapped_class(mixin: type, original: type) -> type:
+    """The cached class ``mixin + original``; it pickles by its two (importable) parents, not by name."""
     key = (mixin, original)
     if key not in _SUBCLASSES:
         _SUBCLASSES[key] = type(f"PiToMe{original.__name__}", (mixin, original),
-                                {"_pitome_original_class": original, "__module__": original.__module__})
-    module.__class__ = _SUBCLASSES[key]
+                                {"_pitome_original_class": original, "_pitome_mixin": mixin,
+                                 "__module__": original.__module__, "__reduce_ex__": _reduce_swapped})
+    return _SUBCLASSES[key]
+
+
+def _reduce_swapped(self: nn.Module, protocol: int) -> tuple:
+    """Pickle / deepcopy a patched module: the default reduction, with its class rebuilt from its parents
+    on load (a dynamic class cannot be found by name, so ``torch.save(model)`` would fail otherwise)."""
+    cls = type(self)
+    _, _, *rest = object.__reduce_ex__(self, max(protocol, 2))
+    return (_new_swapped, (cls.__dict__["_pitome_mixin"], cls.__dict__["_pitome_original_class"]), *rest)
+
+
+def _new_swapped(mixin: type, original: type) -> nn.Module:
+    cls = swapped_class(mixin, original)
+    return cls.__new__(cls)
 
 
 def is_swapped(module: nn.Module) -> bool:
