@@ -27,9 +27,16 @@ __all__ = ["ForwardState", "MergeInfo", "RootKey", "activate", "current_state", 
 
 
 class RootKey:
-    """Identity of one patched model; shared by its blocks (deepcopy copies it once per model)."""
+    """Identity of one patched model; shared by its blocks (deepcopy copies it once per model).
 
-    __slots__ = ()
+    ``traced`` holds the state of a forward being traced by torch.compile (dynamo cannot trace
+    ContextVar.set; a compiled graph has no Python state at run time, so this slot is only used while tracing).
+    """
+
+    __slots__ = ("traced",)
+
+    def __init__(self) -> None:
+        self.traced: Optional["ForwardState"] = None
 
 
 _ACTIVE: contextvars.ContextVar[dict] = contextvars.ContextVar("pitome_active_states", default={})
@@ -262,6 +269,9 @@ def record_merges(callback: Callable[..., None]) -> Iterator[None]:
 
 
 def current_state(key: RootKey) -> Optional[ForwardState]:
+    traced = key.traced  # set only while torch.compile traces a whole forward
+    if traced is not None:
+        return traced
     return _ACTIVE.get().get(key)
 
 
@@ -271,7 +281,7 @@ def activate(key: RootKey, settings: MergeSettings, device: Optional[torch.devic
 
     Yields (state, started): ``started`` is True for the outermost call, which owns the state.
     """
-    existing = _ACTIVE.get().get(key)
+    existing = current_state(key)
     if existing is not None:
         yield existing, False
         return
@@ -279,6 +289,13 @@ def activate(key: RootKey, settings: MergeSettings, device: Optional[torch.devic
     if settings.config.seed is not None:
         state.generator = torch.Generator(device=device or "cpu")
         state.generator.manual_seed(settings.config.seed)
+    if torch.compiler.is_compiling():
+        key.traced = state
+        try:
+            yield state, True
+        finally:
+            key.traced = None
+        return
     token = _ACTIVE.set({**_ACTIVE.get(), key: state})
     try:
         yield state, True
