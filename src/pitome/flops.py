@@ -125,6 +125,11 @@ def block_shape(block: nn.Module, model: Optional[nn.Module] = None) -> EncoderS
     attn = [m for name, m in linears if _ATTENTION_NAME.search(name)]
     mlp = [m for name, m in linears if not _ATTENTION_NAME.search(name)]
     where = type(block).__name__
+    mha = [m for m in block.modules() if isinstance(m, nn.MultiheadAttention)]
+    if mha and mha[0]._qkv_same_embed_dim:  # packed in_proj (open_clip): q/k/v as three dim -> dim projections
+        dim = mha[0].embed_dim
+        attn = [nn.Linear(dim, dim, bias=False, device="meta") for _ in range(3)] + [mha[0].out_proj]
+        mlp = [m for m in mlp if m is not mha[0].out_proj]
     if len(attn) < 2 or not mlp:
         raise ValueError(f"cannot read the widths of a {where}: expected attention projections (names with "
                          f"'attn'/'attention') and MLP layers, found {[n for n, _ in linears]}")

@@ -9,13 +9,14 @@ from .hf_clip import HFClipAdapter, HFClipTextAdapter
 from .hf_llava import HFLlavaAdapter
 from .hf_text import HFTextAdapter
 from .hf_vision import HFViTAdapter
+from .open_clip_vit import OpenClipViTAdapter
 from .timm_vit import TimmViTAdapter
 
 __all__ = ["Adapter", "UnsupportedModelError", "ADAPTERS", "find_adapter", "register_adapter"]
 
 ADAPTERS: list[type[Adapter]] = [TimmViTAdapter]
 ADAPTERS.append(HFTextAdapter)
-ADAPTERS.extend([HFViTAdapter, HFClipAdapter, HFClipTextAdapter, HFLlavaAdapter])
+ADAPTERS.extend([HFViTAdapter, HFClipAdapter, HFClipTextAdapter, HFLlavaAdapter, OpenClipViTAdapter])
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
