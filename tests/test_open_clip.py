@@ -124,3 +124,20 @@ def test_flops_of_a_patched_tower_match_the_flop_counter():
     assert analytic.tokens_per_layer == pitome.info(model).tokens_per_layer
     total = analytic.block_macs + analytic.merge_macs + analytic.extra_macs
     assert abs(total - counted) <= 0.02 * counted
+
+
+def test_bench_takes_openclip_names():
+    from pitome.bench import BenchOptions, Variant, bench, load_model
+
+    with pytest.raises(ValueError, match="unknown open_clip architecture"):
+        load_model("openclip:NoSuchNet")
+    with pytest.raises(ValueError, match="--pretrained"):
+        load_model("openclip:ViT-B-32/laion2b_s34b_b79k")
+    loaded = load_model("openclip:ViT-B-32", image_size=128)
+    assert loaded.weights.startswith("random init") and loaded.model.transformer.resblocks
+    options = BenchOptions(warmup=0, reps=1, latency=False, memory=False, progress=False)
+    result = bench([loaded], [Variant("pitome", ratio=0.8)], [1], options)
+    rows = {row["variant"]: row for row in result.rows}
+    assert rows["unpatched"]["tokens_per_layer"][0] == 17
+    merged = [row for name, row in rows.items() if name != "unpatched"][0]
+    assert merged["tokens_per_layer"][-1] < 17 and merged["gflops"] < rows["unpatched"]["gflops"]

