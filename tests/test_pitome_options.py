@@ -100,3 +100,26 @@ def test_new_options_pass_through_patch(make_vit, images):
             assert pitome.info(model).tokens_per_layer[-1] < pitome.info(model).tokens_per_layer[0]
     with pytest.raises(ValueError, match="split"):
         pitome.patch(model, ratio=0.8, split="shuffle")
+
+
+@pytest.mark.parametrize("kind", ["elu", "paper", "gaussian"])
+def test_energy_fast_path_equals_the_plain_formula_chunked_or_not(kind, monkeypatch):
+    """The in-place energy (three row sums, row chunks for long sequences) equals the plain, differentiable formula,
+    with padding columns and a per-sample margin, and leaves its input untouched."""
+    import pitome.algorithms.pitome as module
+
+    torch.manual_seed(4)
+    k = torch.nn.functional.normalize(torch.randn(2, 40, 8), dim=-1)
+    sim = k @ k.transpose(1, 2)
+    valid = torch.rand(2, 40) > 0.25
+    margins = (0.3, torch.tensor([0.1, 0.7]).view(-1, 1, 1))
+    for margin in margins:
+        plain = energy_scores(sim.clone().requires_grad_(), margin, kind, 1.5, valid).detach()
+        before = sim.clone()
+        fast = energy_scores(sim, margin, kind, 1.5, valid)
+        assert torch.equal(sim, before)
+        torch.testing.assert_close(fast, plain, atol=1e-6, rtol=1e-6)
+        monkeypatch.setattr(module, "ENERGY_CHUNK_TOKENS", 16)
+        monkeypatch.setattr(module, "ENERGY_CHUNK_ELEMENTS", 2 * 40 * 7)  # 7 rows per chunk
+        torch.testing.assert_close(energy_scores(sim, margin, kind, 1.5, valid), plain, atol=1e-6, rtol=1e-6)
+        monkeypatch.undo()
