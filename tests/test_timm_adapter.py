@@ -292,3 +292,25 @@ def test_gradient_checkpointing_is_refused_while_merging(make_vit, images):
     model.train()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         model(images(1))
+
+
+def test_attention_pool_head_weighs_a_merged_token_as_its_copies(make_vit, images):
+    """SigLIP-style "map" pooling with proportional attention: pooling the merged tokens equals pooling a sequence
+    where each merged token is repeated as many times as the patches it holds."""
+    model, x = make_vit(global_pool="map", class_token=False), images(2)
+    with torch.no_grad():
+        plain = model(x)
+        pitome.patch(model, ratio=1.0)
+        assert (model(x) - plain).abs().max() <= 1e-5
+        pitome.patch(model, ratio=0.7)
+        feats = model.forward_features(x)
+        pooled = model.pool(feats)
+        sizes = pitome.info(model).size
+        assert feats.shape[1] < 64
+        for b in range(2):
+            copies = feats[b].repeat_interleave(sizes[b].round().long(), dim=0)[None]
+            assert copies.shape[1] == 64
+            torch.testing.assert_close(model.attn_pool(copies), pooled[b:b + 1], atol=1e-5, rtol=1e-5)
+        pitome.patch(model, ratio=0.7, prop_attn=False)  # without prop. attn the head sees each token once
+        feats = model.forward_features(x)
+        torch.testing.assert_close(model.pool(feats), model.attn_pool(feats))

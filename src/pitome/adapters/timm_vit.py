@@ -119,13 +119,28 @@ class _PatchedViT:
         if size is None:
             last = self.__dict__.get("_pitome_last")
             size = last.size if last is not None else None
-        if (size is None or size.shape != x.shape[:2] or self.attn_pool is not None
-                or pool_type not in ("avg", "avgmax")):
+        if size is None or size.shape != x.shape[:2]:
+            return super().pool(x, pool_type)
+        if self.attn_pool is not None:
+            return self._attention_pool(x, size)
+        if pool_type not in ("avg", "avgmax"):
             return super().pool(x, pool_type)
         start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
         tokens, weight = x[:, start:], size[:, start:].to(x.dtype).unsqueeze(-1)
         avg = (tokens * weight).sum(dim=1) / weight.sum(dim=1)
         return avg if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + avg)
+
+
+    def _attention_pool(self, x: Tensor, size: Tensor) -> Tensor:
+        """Attention pooling (SigLIP's "map" head) with proportional attention: a token of size s weighs as s
+        copies of itself, like in the blocks (only when prop_attn is on, the head's forward takes attn_mask)."""
+        if not self._pitome_settings.config.prop_attn or "attn_mask" not in inspect.signature(
+                self.attn_pool.forward).parameters:
+            return super().pool(x)
+        start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+        kept = size[:, start:]
+        bias = torch.log(kept.clamp_min(1e-30)).masked_fill(kept <= 0, float("-inf")).to(x.dtype)
+        return self.attn_pool(x[:, start:], attn_mask=bias[:, None, None, :])
 
 
 class TimmViTAdapter(Adapter):
