@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["MergePlan", "build_plan", "identity_plan"]
+__all__ = ["MergePlan", "build_plan", "identity_plan", "stable_argsort"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,14 @@ def identity_plan(batch: int, tokens: int, device: torch.device) -> MergePlan:
     return MergePlan(assign=assign, num_out=tokens)
 
 
+def stable_argsort(values: Tensor, dim: int = -1, descending: bool = False) -> Tensor:
+    """argsort with ties in index order. While exporting (torch.export / ONNX), as a full top-k: ONNX has no stable
+    sort, and its TopK breaks ties by the lower index, which is the same order."""
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return torch.topk(values, values.shape[dim], dim=dim, largest=descending, sorted=True).indices
+    return torch.argsort(values, dim=dim, descending=descending, stable=True)
+
+
 def build_plan(
     target: Tensor,
     order_key: Tensor,
@@ -156,8 +164,8 @@ def build_plan(
     group = torch.where(survives, 0, 2)
     if valid is not None:
         group = torch.where(survives & ~valid, 1, group)
-    perm = torch.argsort(order_key, dim=1, stable=True)
-    perm = perm.gather(1, torch.argsort(group.gather(1, perm), dim=1, stable=True))
+    perm = stable_argsort(order_key, dim=1)
+    perm = perm.gather(1, stable_argsort(group.gather(1, perm), dim=1))
     slot = torch.empty_like(perm)
     slot.scatter_(1, perm, positions)
     if max_survivors is None:

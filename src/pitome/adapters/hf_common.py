@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ..plan import stable_argsort
 from ..step import ForwardState
 from .base import UnsupportedModelError
 
@@ -144,7 +145,7 @@ def drop_padding_slots(state: ForwardState, x: Tensor) -> Tensor:
         return x
     order = None
     if not bool((valid[:, :keep].sum(dim=1) == counts).all()):
-        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+        order = stable_argsort((~valid).to(torch.int8), dim=1)
 
     def take(t: Optional[Tensor]) -> Optional[Tensor]:
         if t is None:

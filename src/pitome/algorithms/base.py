@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from ..plan import MergePlan
+from ..plan import MergePlan, stable_argsort
 
 __all__ = ["MergeRequest", "MergeAlgorithm", "unit_rows", "sorted_desc"]
 
@@ -122,4 +122,4 @@ def unit_rows(metric: Tensor) -> Tensor:
 
 def sorted_desc(score: Tensor) -> Tensor:
     """Stable descending argsort along the last dim (deterministic ties: lower index first)."""
-    return torch.argsort(score, dim=-1, descending=True, stable=True)
+    return stable_argsort(score, dim=-1, descending=True)

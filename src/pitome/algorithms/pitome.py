@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..plan import MergePlan, build_plan
+from ..plan import MergePlan, build_plan, stable_argsort
 from .base import MergeAlgorithm, MergeRequest, sorted_desc, unit_rows
 
 __all__ = ["PiToMe", "PiToMeText", "PiToMeBSM", "energy_scores", "inverse_permutation", "similarity_quantile"]
@@ -229,7 +229,7 @@ def _protected_matching(k: Tensor, order: Tensor, r: Tensor, r_max: int, split: 
     elif split == "random":  # a random order of each sample's first 2r ranks: first r are A, next r are B
         keys = draws[: 2 * r_max].expand(batch, 2 * r_max)
         keys = keys.masked_fill(torch.arange(2 * r_max, device=device).unsqueeze(0) >= 2 * r_col, 2.0)
-        shuffled = torch.argsort(keys, dim=1, stable=True)
+        shuffled = stable_argsort(keys, dim=1)
         a_rank = shuffled[:, :r_max]
         b_rank = shuffled.gather(1, (r_col + j).clamp_max(max(2 * r_max - 1, 0)))
     else:

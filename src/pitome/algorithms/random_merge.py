@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..plan import MergePlan, build_plan
+from ..plan import MergePlan, build_plan, stable_argsort
 from .base import MergeAlgorithm, MergeRequest
 from .kth import bipartite_key, candidates_or_all, check_int, cosine, match_into
 from .pitome import inverse_permutation
@@ -56,7 +56,7 @@ class RandomMerge(MergeAlgorithm):
         cand = candidates_or_all(request)
         batch, tokens = cand.shape
         u, v = self._draws(request, tokens)
-        order = torch.argsort(torch.where(cand, u.expand(batch, tokens), 2.0), dim=1, stable=True)
+        order = stable_argsort(torch.where(cand, u.expand(batch, tokens), 2.0), dim=1)
         rank = inverse_permutation(order)  # random rank among candidates; non-candidates last
         count = cand.sum(dim=1, keepdim=True)
         n_a = count - count // 2

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..plan import MergePlan, build_plan
+from ..plan import MergePlan, build_plan, stable_argsort
 from .base import MergeAlgorithm, MergeRequest, sorted_desc, unit_rows
 from .pitome import inverse_permutation
 
@@ -59,7 +59,7 @@ class ToMe(MergeAlgorithm):
             target, key = bipartite_soft_matching(k, request.r, None)
         else:
             # candidates first, in their own order; the rest (padding, frozen) after, never matched
-            perm = torch.argsort((~cand).to(torch.int8), dim=1, stable=True)
+            perm = stable_argsort((~cand).to(torch.int8), dim=1)
             k_sorted = k.gather(1, perm.unsqueeze(-1).expand_as(k))
             target_p, key_p = bipartite_soft_matching(k_sorted, request.r, cand.gather(1, perm))
             target = torch.empty_like(target_p)
