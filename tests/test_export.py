@@ -46,3 +46,31 @@ def test_torchscript_export_matches_eager(make_vit, images, tmp_path):
     with torch.no_grad():
         expected = model(x)
     np.testing.assert_allclose(_run(path, x), expected.numpy(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["vit", "clip"])
+def test_hugging_face_vision_towers_export(tmp_path, family):
+    """transformers builds an explicit all-attend mask while exporting; after a merge the size bias replaces it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32,
+                  patch_size=8)
+    if family == "vit":
+        model = transformers.ViTModel(transformers.ViTConfig(**common)).eval()
+    else:
+        model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common)).eval()
+    pitome.patch(model, ratio=0.8)
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 3, 32, 32),), path, dynamo=True, input_names=["pixel_values"])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(pixel_values=x).pooler_output
+    assert pitome.info(model).tokens_per_layer[-1] < 17
+    session = ort.InferenceSession(str(path))
+    outputs = session.run(None, {"pixel_values": x.numpy()})
+    pooled = [o for o in outputs if o.shape == tuple(expected.shape)]
+    assert pooled and min(np.abs(o - expected.numpy()).max() for o in pooled) < 1e-5
+    with torch.no_grad(), pytest.raises(ValueError, match="attention_mask"):  # a caller's own mask still errors
+        model(pixel_values=x, attention_mask=torch.ones(2, 1, 17, 17, dtype=torch.bool))

@@ -147,6 +147,9 @@ class ForwardState:
     generator: Optional[torch.Generator] = None
     merged: bool = False
     final_tokens: Optional[int] = None
+    # while exporting: whether the caller passed its own attention mask (else a mask the model library built for
+    # tracing is all-attend and adapters may replace it by the size bias after a merge)
+    caller_mask: Optional[bool] = None
 
     # -- per block ----------------------------------------------------------------------------------
     def enter_block(self, layer: int, x: Tensor) -> None:

@@ -16,6 +16,7 @@ the size-weighted mean).
 from __future__ import annotations
 
 import contextvars
+import inspect
 import dataclasses
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
@@ -99,6 +100,8 @@ def layer_mask(state: ForwardState, attention_mask: Optional[Tensor], x: Tensor)
     """The model's own mask until tokens merge, then the size bias (log size, -inf for empty slots)."""
     if not state.merged:
         return attention_mask
+    if attention_mask is not None and state.caller_mask is False:
+        attention_mask = None  # all-attend mask that transformers builds while exporting; the size bias replaces it
     if attention_mask is not None:
         raise ValueError(
             "pitome: an attention_mask cannot be combined with merging in a vision encoder (the mask refers to "
@@ -208,6 +211,16 @@ def store_info(model: nn.Module, state: ForwardState) -> None:
     model.__dict__["_pitome_last"] = info
 
 
+def _passes_attention_mask(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bool:
+    if kwargs.get("attention_mask") is not None:
+        return True
+    try:
+        bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return True  # cannot tell: keep the strict behaviour
+    return bound.arguments.get("attention_mask") is not None
+
+
 class RootMixin:
     """Owner of the per-forward merge state: any patched model part a forward can start from.
 
@@ -232,6 +245,8 @@ class RootMixin:
             with activate(key, self.__dict__["_pitome_settings"], model_device(self)) as (state, owner):
                 if owner:
                     check_no_checkpointing(self)
+                    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+                        state.caller_mask = _passes_attention_mask(fn, args, kwargs)
                 out = fn(*args, **kwargs)
                 if self._pitome_encoder and key in _UNMERGE_OUTPUT.get() and state.merged and state.source is not None:
                     first = out[0] if isinstance(out, tuple) else out.last_hidden_state
