@@ -72,3 +72,40 @@ def test_padded_text_compiles_with_graph_breaks_and_stays_exact():
             got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
             assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6)
             assert pitome.info(model).tokens_per_layer == tokens and tokens[-1] < 20
+
+
+def test_mean_pooling_head_compiles_to_one_graph():
+    """Dinov2ForImageClassification mean-pools the patch tokens: its encoder output is unmerged inside the forward."""
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                                       image_size=32, patch_size=8, num_labels=5)
+    torch.manual_seed(0)
+    model = transformers.Dinov2ForImageClassification(config).eval()
+    pitome.patch(model, ratio=0.7)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values=x).logits
+        tokens = pitome.info(model).tokens_per_layer
+        assert torch.allclose(_compiled(model, fullgraph=True)(pixel_values=x).logits, expected, atol=1e-6)
+    assert pitome.info(model).tokens_per_layer == tokens and tokens[-1] < 17
+
+
+def test_clip_model_with_padded_text_compiles_and_stays_exact():
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=99, max_position_embeddings=16, eos_token_id=2),
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(config).eval()
+    pitome.patch(model, ratio=0.7)
+    ids = torch.randint(3, 99, (2, 12))
+    ids[:, -1] = 2
+    ids[1, 8] = 2
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, pixel_values=x)
+        got = _compiled(model, fullgraph=False)(input_ids=ids, attention_mask=mask, pixel_values=x)
+    assert torch.allclose(got.image_embeds, expected.image_embeds, atol=1e-6)
+    assert torch.allclose(got.text_embeds, expected.text_embeds, atol=1e-6)

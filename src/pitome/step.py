@@ -150,6 +150,12 @@ class ForwardState:
     # while exporting: whether the caller passed its own attention mask (else a mask the model library built for
     # tracing is all-attend and adapters may replace it by the size bias after a merge)
     caller_mask: Optional[bool] = None
+    # adapter needs of this forward (set by the root that starts it; on the state, not in context variables,
+    # so torch.compile can trace them): keep a source map even without trace_source; unmerge the encoder
+    # output back to full length (mean-pooling heads); adapter data such as the real-token mask of a text input
+    needs_source: bool = False
+    unmerge_output: bool = False
+    extras: dict = field(default_factory=dict)
 
     # -- per block ----------------------------------------------------------------------------------
     def enter_block(self, layer: int, x: Tensor) -> None:

@@ -17,7 +17,6 @@ back to the input length (each position holds its merged token), so CLIP's EOS p
 
 from __future__ import annotations
 
-import contextvars
 from typing import Any, Optional
 
 import torch
@@ -27,7 +26,7 @@ from ..config import MergeSettings
 from ..step import ForwardState, RootKey, activate
 from .base import Adapter, UnsupportedModelError, pitome_hook, root_state
 from .hf_common import SUPPORTED_TRANSFORMERS, check_attention_backend, register_output_capture, require_transformers
-from .hf_vision import (NEEDS_SOURCE, ClsRoot, EncoderRoot, MeanPoolRoot, RootMixin, after_layer, bind_root,
+from .hf_vision import (ClsRoot, EncoderRoot, MeanPoolRoot, RootMixin, after_layer, bind_root,
                         check_layer, check_no_checkpointing, class_names, layer_mask, model_device, original_name,
                         patch_layers, prepare_metric, start_source, store_info, swap, tag, unmerge, unpatch_key)
 
@@ -93,8 +92,6 @@ def causal_merged_mask(state: ForwardState, x: Tensor, real: Optional[Tensor]) -
     return mask.masked_fill(empty_self[:, None], 0.0)
 
 
-# Per running text forward: its key -> (B, N0) bool of the real (non-padding) input tokens.
-_TEXT_REAL: contextvars.ContextVar[dict] = contextvars.ContextVar("pitome_clip_text_real", default={})
 
 
 class _ClipTextLayer(_ClipLayer):
@@ -103,7 +100,7 @@ class _ClipTextLayer(_ClipLayer):
     def _pitome_mask(self, state: ForwardState, attention_mask: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
         if not state.merged:
             return attention_mask
-        return causal_merged_mask(state, x, _TEXT_REAL.get().get(self.__dict__["_pitome_key"]))
+        return causal_merged_mask(state, x, state.extras.get("text_real"))  # (B, N0) real input tokens
 
 
 class _SiglipPoolingHead:
@@ -157,22 +154,17 @@ class _ClipTextRoot:
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, **kwargs: Any) -> Any:
         key = self.__dict__["_pitome_key"]
-        resets = [(NEEDS_SOURCE, NEEDS_SOURCE.set(NEEDS_SOURCE.get() | {key}))]
-        try:
-            with activate(key, self.__dict__["_pitome_settings"], model_device(self)) as (state, owner):
-                if owner:
-                    check_no_checkpointing(self)
-                    if input_ids is not None:
-                        real, state.valid, state.frozen = _text_state(self, input_ids, attention_mask)
-                        resets.append((_TEXT_REAL, _TEXT_REAL.set({**_TEXT_REAL.get(), key: real})))
-                out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      **kwargs)
-                if owner:
-                    store_info(self, state)
-                return out
-        finally:
-            for var, token in reversed(resets):
-                var.reset(token)
+        with activate(key, self.__dict__["_pitome_settings"], model_device(self)) as (state, owner):
+            state.needs_source = True
+            if owner:
+                check_no_checkpointing(self)
+                if input_ids is not None:
+                    state.extras["text_real"], state.valid, state.frozen = _text_state(self, input_ids, attention_mask)
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  **kwargs)
+            if owner:
+                store_info(self, state)
+            return out
 
 
 def _text_state(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:

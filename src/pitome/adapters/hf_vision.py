@@ -15,7 +15,6 @@ the size-weighted mean).
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 import dataclasses
 from typing import Any, Callable, ClassVar, Optional, Sequence
@@ -32,10 +31,6 @@ from .hf_common import (SUPPORTED_TRANSFORMERS, additive_mask, as_additive, chec
 
 __all__ = ["HFViTAdapter", "VISION_MODELS"]
 
-# Keys of the patched models whose forward needs a source map (unmerging for mean-pooling heads, causal text).
-NEEDS_SOURCE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("pitome_hf_needs_source", default=frozenset())
-# Keys of the patched encoders whose last_hidden_state a mean-pooling head wants unmerged back to full length.
-_UNMERGE_OUTPUT: contextvars.ContextVar[frozenset] = contextvars.ContextVar("pitome_hf_unmerge", default=frozenset())
 
 
 # --- shared helpers ---------------------------------------------------------------------------------------
@@ -158,7 +153,7 @@ def after_layer(state: ForwardState, out: Tensor) -> Tensor:
 
 def start_source(state: ForwardState, key: RootKey, x: Tensor) -> None:
     """Track the source map internally when this forward needs it (unmerging), even without trace_source."""
-    if state.source is None and key in NEEDS_SOURCE.get():
+    if state.source is None and state.needs_source:
         state.source = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
 
 
@@ -237,26 +232,20 @@ class RootMixin:
 
     def _pitome_run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         key = self.__dict__["_pitome_key"]
-        resets = []
-        if self._pitome_mean_pool:
-            resets.append((NEEDS_SOURCE, NEEDS_SOURCE.set(NEEDS_SOURCE.get() | {key})))
-            resets.append((_UNMERGE_OUTPUT, _UNMERGE_OUTPUT.set(_UNMERGE_OUTPUT.get() | {key})))
-        try:
-            with activate(key, self.__dict__["_pitome_settings"], model_device(self)) as (state, owner):
-                if owner:
-                    check_no_checkpointing(self)
-                    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
-                        state.caller_mask = _passes_attention_mask(fn, args, kwargs)
-                out = fn(*args, **kwargs)
-                if self._pitome_encoder and key in _UNMERGE_OUTPUT.get() and state.merged and state.source is not None:
-                    first = out[0] if isinstance(out, tuple) else out.last_hidden_state
-                    out = _replace_first(out, unmerge(first, state, fill_mean_from=state.settings.num_protected))
-                if owner:
-                    store_info(self, state)
-                return out
-        finally:
-            for var, token in reversed(resets):
-                var.reset(token)
+        with activate(key, self.__dict__["_pitome_settings"], model_device(self)) as (state, owner):
+            if owner:
+                check_no_checkpointing(self)
+                if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+                    state.caller_mask = _passes_attention_mask(fn, args, kwargs)
+            if self._pitome_mean_pool:
+                state.needs_source = state.unmerge_output = True
+            out = fn(*args, **kwargs)
+            if self._pitome_encoder and state.unmerge_output and state.merged and state.source is not None:
+                first = out[0] if isinstance(out, tuple) else out.last_hidden_state
+                out = _replace_first(out, unmerge(first, state, fill_mean_from=state.settings.num_protected))
+            if owner:
+                store_info(self, state)
+            return out
 
 
 def patch_layers(layers: Sequence[nn.Module], attn_attr: str, mixin: type, key: RootKey,
