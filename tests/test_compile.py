@@ -109,3 +109,18 @@ def test_clip_model_with_padded_text_compiles_and_stays_exact():
         got = _compiled(model, fullgraph=False)(input_ids=ids, attention_mask=mask, pixel_values=x)
     assert torch.allclose(got.image_embeds, expected.image_embeds, atol=1e-6)
     assert torch.allclose(got.text_embeds, expected.text_embeds, atol=1e-6)
+
+
+def test_every_algorithm_compiles_exactly(make_vit, images):
+    """Whole-graph for every algorithm except the seeded ones (a torch.Generator per forward breaks the graph,
+    which compile handles by splitting it; results stay the same)."""
+    from pitome.algorithms import available_algorithms
+
+    model, x = make_vit(), images(2)
+    for name in available_algorithms():
+        seeded = name == "random"
+        pitome.patch(model, algorithm=name, ratio=0.8, **({"seed": 0} if seeded else {}))
+        with torch.no_grad():
+            expected = model(x)
+            got = _compiled(model, fullgraph=not seeded)(x)
+        assert torch.allclose(got, expected, atol=1e-6), name
