@@ -141,3 +141,30 @@ def test_bench_takes_openclip_names():
     assert rows["unpatched"]["tokens_per_layer"][0] == 17
     merged = [row for name, row in rows.items() if name != "unpatched"][0]
     assert merged["tokens_per_layer"][-1] < 17 and merged["gflops"] < rows["unpatched"]["gflops"]
+
+
+def test_eval_retrieval_runs_on_an_openclip_model(tmp_path):
+    """`pitome eval retrieval --model openclip:<arch>` (random weights: no tag, so nothing is downloaded): the image
+    tower is patched and its GFLOPs drop; captions come from a Karpathy-format file."""
+    import json
+
+    from pitome import cli
+
+    from test_eval_sweep import _results, make_image_folder
+
+    images = make_image_folder(tmp_path / "img", classes=2, per_class=2)
+    files = sorted(images.rglob("*.png"))
+    entries = [{"filename": str(f.relative_to(images)), "split": "test",
+                "sentences": [{"raw": f"a photo of thing {i}"}]} for i, f in enumerate(files)]
+    (tmp_path / "captions.json").write_text(json.dumps({"images": entries}))
+    out = tmp_path / "out"
+    code = cli.main(["eval", "retrieval", "--model", "openclip:ViT-B-32", "--captions", str(tmp_path / "captions.json"),
+                     "--images", str(images), "--algorithms", "pitome", "--ratios", "0.9", "--out", str(out),
+                     "--no-progress", "--batch-size", "4"])
+    assert code == 0
+    _, results = _results(out)
+    rows = results["rows"] if isinstance(results, dict) else results
+    by_algorithm = {row["algorithm"]: row for row in rows}
+    assert set(by_algorithm) == {"unmerged", "pitome"} and not any("error" in row for row in rows)
+    assert by_algorithm["unmerged"]["tokens_per_layer"][0] == 50
+    assert by_algorithm["pitome"]["gflops"] < by_algorithm["unmerged"]["gflops"]
