@@ -51,3 +51,18 @@ def test_bbc_split_is_stratified_and_disjoint():
     assert len(test) == 30 and np.bincount(labels[test]).tolist() == [15, 9, 6]
     assert not set(train) & set(test) and len(train) + len(test) == 100
     assert np.bincount(labels[_stratified_take(labels, 7, 0)]).tolist() == [4, 2, 1]
+
+
+def test_offline_default_adds_auto_rows_per_family():
+    from types import SimpleNamespace
+
+    from pitome.tasks.offline import TEXT_TASK, offline_specs
+
+    specs = offline_specs(None, (0.9, 0.8))
+    text = [s for s in specs(SimpleNamespace(name=TEXT_TASK)) if s.display == "auto"]
+    image = [s for s in specs(SimpleNamespace(name="an image task")) if s.display == "auto"]
+    assert [s.ratio for s in text] == [0.9, 0.8] == [s.ratio for s in image]
+    assert {s.algorithm for s in text} == {"tome"} and {s.algorithm for s in image} == {"pitome"}
+    assert all(s.options["preset"] == "auto" and s.label.startswith("auto ratio=") for s in text + image)
+    only = offline_specs(["tome"], (0.9,))(SimpleNamespace(name=TEXT_TASK))
+    assert [s.display for s in only] == ["unmerged", "tome"]

@@ -34,6 +34,7 @@ class MergeSpec:
     match_ratio:   instead of a budget, "the r whose FLOPs match keep-ratio ``match_ratio``" (ToMe's native
                    fixed-r schedule at equal FLOPs); resolved into ``r`` before running.
     kwargs:        everything else for ``pitome.patch`` (preset, layers, prop_attn, algorithm options, ...).
+    name:          what result rows call this setting (default: the algorithm), e.g. "auto" for preset='auto'.
     """
 
     algorithm: Optional[str] = None
@@ -41,12 +42,17 @@ class MergeSpec:
     r: Any = None
     match_ratio: Optional[float] = None
     kwargs: tuple = ()
+    name: Optional[str] = None
 
     @staticmethod
     def make(algorithm: Optional[str], ratio: Optional[float] = None, r: Any = None,
-             match_ratio: Optional[float] = None, **kwargs: Any) -> "MergeSpec":
+             match_ratio: Optional[float] = None, name: Optional[str] = None, **kwargs: Any) -> "MergeSpec":
         items = tuple(sorted((k, _freeze(v)) for k, v in kwargs.items() if v is not None))
-        return MergeSpec(algorithm, ratio, _freeze(r), match_ratio, items)
+        return MergeSpec(algorithm, ratio, _freeze(r), match_ratio, items, name)
+
+    @property
+    def display(self) -> str:
+        return "unmerged" if not self.merges else (self.name or self.algorithm)
 
     @property
     def merges(self) -> bool:
@@ -69,10 +75,10 @@ class MergeSpec:
 
     @property
     def label(self) -> str:
-        return "unmerged" if not self.merges else f"{self.algorithm} {self.budget}"
+        return "unmerged" if not self.merges else f"{self.display} {self.budget}"
 
     def with_r(self, r: int) -> "MergeSpec":
-        return MergeSpec(self.algorithm, None, r, self.match_ratio, self.kwargs)
+        return MergeSpec(self.algorithm, None, r, self.match_ratio, self.kwargs, self.name)
 
     @contextlib.contextmanager
     def applied(self, target: nn.Module) -> Iterator[nn.Module]:

@@ -121,7 +121,7 @@ def _lengths(task: Task, reference: Optional[PassResult]) -> list[int]:
 def _row(task: Task, result: PassResult, reference: Optional[PassResult], metrics: dict) -> dict[str, Any]:
     spec = result.spec
     row: dict[str, Any] = {
-        "task": task.name, "algorithm": spec.algorithm or "unmerged", "budget": spec.budget,
+        "task": task.name, "algorithm": spec.display, "budget": spec.budget,
         "ratio": spec.ratio, "r": spec.r if not isinstance(spec.r, tuple) else list(spec.r),
         "matched_ratio": spec.match_ratio, "options": json.dumps(spec.options, sort_keys=True, default=str),
         "items": result.items, "gflops": result.gflops, "items_per_s": result.items_per_s,
@@ -176,7 +176,7 @@ def run_sweep(
                 rows.append(_row(task, result, reference, task.metrics(result, reference)))
             except (ValueError, TypeError, RuntimeError) as error:
                 warnings.warn(f"{task.name}: {spec.label} failed: {error}", stacklevel=2)
-                rows.append({"task": task.name, "algorithm": spec.algorithm or "unmerged", "budget": spec.budget,
+                rows.append({"task": task.name, "algorithm": spec.display, "budget": spec.budget,
                              "ratio": spec.ratio, "matched_ratio": spec.match_ratio,
                              "options": json.dumps(spec.options, sort_keys=True, default=str),
                              "error": f"{type(error).__name__}: {error}"})
