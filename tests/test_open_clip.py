@@ -168,3 +168,18 @@ def test_eval_retrieval_runs_on_an_openclip_model(tmp_path):
     assert set(by_algorithm) == {"unmerged", "pitome"} and not any("error" in row for row in rows)
     assert by_algorithm["unmerged"]["tokens_per_layer"][0] == 50
     assert by_algorithm["pitome"]["gflops"] < by_algorithm["unmerged"]["gflops"]
+
+
+def test_timm_towers_of_open_clip_models_are_patched_through_their_trunk():
+    model = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None, force_image_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(UnsupportedModelError, match="model.visual.trunk"):
+        pitome.patch(model, ratio=0.8)
+    with torch.no_grad():
+        plain = model.encode_image(x)
+        pitome.patch(model.visual.trunk, ratio=0.8)
+        merged = model.encode_image(x)
+        assert pitome.info(model.visual.trunk).tokens_per_layer[-1] < 16
+        pitome.unpatch(model.visual.trunk)
+        assert torch.equal(model.encode_image(x), plain)
+    assert not torch.allclose(merged, plain, atol=1e-3)

@@ -118,7 +118,8 @@ class OpenClipViTAdapter(Adapter):
     name = "open_clip_vit"
     family = "vision"
     supports = ("open_clip VisionTransformer (ResidualAttentionBlock + nn.MultiheadAttention, class token, 'tok' / "
-                "'avg' / 'none' pooling), alone or as the visual tower of an open_clip CLIP model (image side only)")
+                "'avg' / 'none' pooling), alone or as the visual tower of an open_clip CLIP model (image side only); "
+                "open_clip models with a timm image tower (SigLIP, ...): patch model.visual.trunk, a timm ViT")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
