@@ -111,6 +111,7 @@ def test_clip_model_with_padded_text_compiles_and_stays_exact():
     assert torch.allclose(got.text_embeds, expected.text_embeds, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 def test_every_algorithm_compiles_exactly(make_vit, images):
     """Whole-graph for every algorithm except the seeded ones (a torch.Generator per forward breaks the graph,
     which compile handles by splitting it; results stay the same)."""
