@@ -125,3 +125,20 @@ def test_every_algorithm_compiles_exactly(make_vit, images):
             expected = model(x)
             got = _compiled(model, fullgraph=not seeded)(x)
         assert torch.allclose(got, expected, atol=1e-6), name
+
+
+def test_text_encoder_without_padding_mask_compiles_to_one_graph():
+    """No attention_mask: the frozen last token is known statically, so budgets stay Python ints."""
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(1, 100, (2, 20))
+    for options in (dict(preset="bert"), dict(preset="auto")):
+        pitome.patch(model, ratio=0.7, **options)
+        with torch.no_grad():
+            expected = model(ids).logits
+            with_mask = model(ids, attention_mask=torch.ones_like(ids)).logits
+            assert torch.allclose(with_mask, expected, atol=1e-5)
+            assert torch.equal(_compiled(model, fullgraph=True)(ids).logits, expected)
+        assert pitome.info(model).tokens_per_layer[-1] < 20

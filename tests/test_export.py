@@ -74,3 +74,21 @@ def test_hugging_face_vision_towers_export(tmp_path, family):
     assert pooled and min(np.abs(o - expected.numpy()).max() for o in pooled) < 1e-5
     with torch.no_grad(), pytest.raises(ValueError, match="attention_mask"):  # a caller's own mask still errors
         model(pixel_values=x, attention_mask=torch.ones(2, 1, 17, 17, dtype=torch.bool))
+
+
+def test_text_encoder_without_padding_mask_exports(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100)
+    model = pitome.patch(transformers.BertModel(config).eval(), preset="bert", ratio=0.8)
+    path = tmp_path / "bert.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randint(1, 100, (2, 20)),), path, dynamo=True, input_names=["input_ids"])
+    ids = torch.randint(1, 100, (2, 20), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+    assert expected.shape[1] < 20
+    session = ort.InferenceSession(str(path))
+    np.testing.assert_allclose(session.run(None, {"input_ids": ids.numpy()})[0], expected.numpy(), atol=1e-5, rtol=1e-5)

@@ -150,6 +150,9 @@ class ForwardState:
     # while exporting: whether the caller passed its own attention mask (else a mask the model library built for
     # tracing is all-attend and adapters may replace it by the size bias after a merge)
     caller_mask: Optional[bool] = None
+    # frozen tokens per sample when every sample has the same number and it is known without reading the data
+    # (a text input without padding mask: its last token); keeps budgets Python ints (compile, export)
+    frozen_count: Optional[int] = None
     # adapter needs of this forward (set by the root that starts it; on the state, not in context variables,
     # so torch.compile can trace them): keep a source map even without trace_source; unmerge the encoder
     # output back to full length (mean-pooling heads); adapter data such as the real-token mask of a text input
@@ -208,9 +211,10 @@ class ForwardState:
         valid = self.valid[:, h:] if self.valid is not None else None
         frozen = self.frozen[:, h:] if self.frozen is not None else None
         with torch.no_grad():
-            if valid is None and frozen is None:
-                allowed = int(spec.algorithm.max_removable(mergeable))
-                r_int = capped(spec.budget.remove_count(mergeable), allowed, layer)
+            if valid is None and (frozen is None or self.frozen_count is not None):
+                candidates = mergeable - (self.frozen_count or 0)
+                allowed = int(spec.algorithm.max_removable(candidates))
+                r_int = capped(spec.budget.remove_count(candidates), allowed, layer)
                 if r_int <= 0:
                     return None
                 r = torch.full((batch,), r_int, dtype=torch.long, device=x.device)

@@ -170,16 +170,39 @@ class _PatchedDistilBertBlock:
 
 # --- per forward ----------------------------------------------------------------------------------------------
 
-_SIGNATURES: dict[type, inspect.Signature] = {}
+_INPUTS = ("input_ids", "attention_mask", "inputs_embeds")
+_POSITIONS: dict[type, dict[str, int]] = {}
+
+
+def _input_positions(cls: type) -> dict[str, int]:
+    """Positional index of input_ids / attention_mask / inputs_embeds in ``cls.forward`` (after self); cached at
+    patch time, so a compiled forward never runs ``inspect``."""
+    if cls not in _POSITIONS:
+        params = list(inspect.signature(cls.forward).parameters)[1:]
+        _POSITIONS[cls] = {name: params.index(name) for name in _INPUTS if name in params}
+    return _POSITIONS[cls]
 
 
 def _inputs(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(input_ids, attention_mask, inputs_embeds) from the call, whatever was passed positionally."""
-    cls = type(model).__dict__["_pitome_original_class"]
-    if cls not in _SIGNATURES:
-        _SIGNATURES[cls] = inspect.signature(cls.forward)
-    bound = _SIGNATURES[cls].bind_partial(model, *args, **kwargs).arguments
-    return bound.get("input_ids"), bound.get("attention_mask"), bound.get("inputs_embeds")
+    positions = _input_positions(type(model)._pitome_original_class)  # (not via the class __dict__ proxy: compile)
+
+    def pick(name: str) -> Optional[Tensor]:
+        if name in kwargs:
+            return kwargs[name]
+        index = positions.get(name)
+        return args[index] if index is not None and index < len(args) else None
+
+    return pick("input_ids"), pick("attention_mask"), pick("inputs_embeds")
+
+
+def _last_token_mask(input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor]) -> Tensor:
+    """(B, N) bool, True at the last position ([SEP] / </s> of an unpadded batch)."""
+    reference = input_ids if input_ids is not None else inputs_embeds
+    if reference is None:
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    batch, tokens = reference.shape[:2]
+    return torch.arange(tokens, device=reference.device).expand(batch, tokens) == tokens - 1
 
 
 def _padding_state(input_ids: Optional[Tensor], attention_mask: Optional[Tensor],
@@ -235,10 +258,14 @@ class _PatchedTextModel:
         with activate(self._pitome_key, self._pitome_settings, device) as (state, owner):
             unmerge = self.__dict__.get("_pitome_unmerge", False)
             if owner:
-                state.valid, state.frozen = _padding_state(input_ids, attention_mask, inputs_embeds)
+                if attention_mask is None:  # no padding: the last token is frozen, the same budget for every sample
+                    state.valid, state.frozen = None, _last_token_mask(input_ids, inputs_embeds)
+                    state.frozen_count = 1
+                else:
+                    state.valid, state.frozen = _padding_state(input_ids, attention_mask, inputs_embeds)
                 if unmerge:
-                    n = state.valid.shape[1]
-                    state.source = torch.arange(n, device=state.valid.device).expand(state.valid.shape[0], n)
+                    batch, n = state.frozen.shape
+                    state.source = torch.arange(n, device=state.frozen.device).expand(batch, n)
             out = super().forward(*args, **kwargs)
             state.final_tokens = out[0].shape[1]
             if owner:
@@ -317,6 +344,7 @@ class HFTextAdapter(Adapter):
                 key_proj.register_forward_hook(_capture_key_projection)
             swap_class(layer, _PatchedDistilBertBlock if family == "distilbert" else _PatchedBertLayer)
         swap_class(base, _PatchedTextModel)
+        _input_positions(type(base)._pitome_original_class)
         if model is not base:
             swap_class(model, _PatchedTaskModel)
         register_output_capture(model)
