@@ -23,7 +23,12 @@ from .plan import MergePlan
 from .schedule import capped
 
 __all__ = ["ForwardState", "MergeInfo", "RootKey", "activate", "current_state", "record_merges",
-           "MergeTimer", "merge_timing"]
+           "MergeTimer", "merge_timing", "log_size_bias"]
+
+
+def log_size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
+    """Proportional attention's additive bias per token: log(size), -inf for empty slots (size 0)."""
+    return torch.log(size.clamp_min(1e-30)).masked_fill(size <= 0, float("-inf")).to(dtype)
 
 
 class RootKey:
@@ -155,10 +160,10 @@ class ForwardState:
     frozen_count: Optional[int] = None
     # adapter needs of this forward (set by the root that starts it; on the state, not in context variables,
     # so torch.compile can trace them): keep a source map even without trace_source; unmerge the encoder
-    # output back to full length (mean-pooling heads); adapter data such as the real-token mask of a text input
+    # output back to full length (mean-pooling heads); (B, N0) real (non-padding) input tokens of a causal text input
     needs_source: bool = False
     unmerge_output: bool = False
-    extras: dict = field(default_factory=dict)
+    input_real: Optional[Tensor] = None
 
     # -- per block ----------------------------------------------------------------------------------
     def enter_block(self, layer: int, x: Tensor) -> None:
@@ -179,11 +184,8 @@ class ForwardState:
         if not self.settings.config.prop_attn and self.valid is None:
             return None
         if self.settings.config.prop_attn:
-            bias = torch.log(self.size)
-        else:
-            bias = torch.zeros_like(self.size)
-        bias = bias.masked_fill(self.size <= 0, float("-inf"))
-        return bias.to(dtype)[:, None, None, :]
+            return log_size_bias(self.size, dtype)[:, None, None, :]
+        return torch.zeros_like(self.size).masked_fill(self.size <= 0, float("-inf")).to(dtype)[:, None, None, :]
 
     def merge(self, layer: int, x: Tensor, hidden_metric: Optional[Tensor] = None) -> Tensor:
         """Apply block ``layer``'s merge to the hidden states x (B, N, C); returns the merged states."""

@@ -84,6 +84,17 @@ def _new_swapped(mixin: type, original: type) -> nn.Module:
     return cls.__new__(cls)
 
 
+def relay_info(outer: nn.Module, inner: nn.Module, call: Callable[[], Any]) -> Any:
+    """Run ``call`` (a forward of ``outer`` that runs the patched ``inner``) and hand inner's MergeInfo to outer,
+    so ``pitome.info`` works on the model the user holds (task heads, two-tower models)."""
+    outer.__dict__.pop("_pitome_last", None)
+    out = call()
+    last = inner.__dict__.get("_pitome_last")
+    if last is not None:
+        outer.__dict__["_pitome_last"] = last
+    return out
+
+
 def is_swapped(module: nn.Module) -> bool:
     return "_pitome_original_class" in type(module).__dict__
 

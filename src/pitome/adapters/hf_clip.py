@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MergeSettings
-from ..step import ForwardState, RootKey, activate
+from ..step import ForwardState, RootKey, activate, log_size_bias
 from .base import Adapter, UnsupportedModelError, pitome_hook, root_state
 from .hf_common import SUPPORTED_TRANSFORMERS, check_attention_backend, register_output_capture, require_transformers
 from .hf_vision import (ClsRoot, EncoderRoot, MeanPoolRoot, RootMixin, after_layer, bind_root,
@@ -50,7 +50,7 @@ class _ClipLayer:
         if state is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
         layer = self.__dict__["_pitome_layer"]
-        start_source(state, self.__dict__["_pitome_key"], hidden_states)
+        start_source(state, hidden_states)
         state.enter_block(layer, hidden_states)
         normed = self.layer_norm1(hidden_states)
         mask = self._pitome_mask(state, attention_mask, normed)
@@ -92,15 +92,13 @@ def causal_merged_mask(state: ForwardState, x: Tensor, real: Optional[Tensor]) -
     return mask.masked_fill(empty_self[:, None], 0.0)
 
 
-
-
 class _ClipTextLayer(_ClipLayer):
     """Mixin for ``CLIPEncoderLayer`` in the causal text tower: the model's causal mask until tokens merge."""
 
     def _pitome_mask(self, state: ForwardState, attention_mask: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
         if not state.merged:
             return attention_mask
-        return causal_merged_mask(state, x, state.extras.get("text_real"))  # (B, N0) real input tokens
+        return causal_merged_mask(state, x, state.input_real)
 
 
 class _SiglipPoolingHead:
@@ -113,8 +111,7 @@ class _SiglipPoolingHead:
             return super().forward(hidden_state)
         batch = hidden_state.shape[0]
         probe = self.probe.repeat(batch, 1, 1)
-        bias = torch.log(size.clamp_min(1e-30)).masked_fill(size <= 0, float("-inf")).to(hidden_state.dtype)
-        mask = bias[:, None, :].repeat_interleave(self.attention.num_heads, dim=0)  # (B * heads, 1, N)
+        mask = log_size_bias(size, hidden_state.dtype)[:, None, :].repeat_interleave(self.attention.num_heads, dim=0)  # (B * heads, 1, N)
         hidden_state = self.attention(probe, hidden_state, hidden_state, attn_mask=mask, need_weights=False)[0]
         residual = hidden_state
         hidden_state = self.layernorm(hidden_state)
@@ -159,7 +156,7 @@ class _ClipTextRoot:
             if owner:
                 check_no_checkpointing(self)
                 if input_ids is not None:
-                    state.extras["text_real"], state.valid, state.frozen = _text_state(self, input_ids, attention_mask)
+                    state.input_real, state.valid, state.frozen = _text_state(self, input_ids, attention_mask)
             out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   **kwargs)
             if owner:

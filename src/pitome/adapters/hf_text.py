@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..config import MergeSettings
 from ..step import ForwardState, RootKey, activate
-from .base import Adapter, UnsupportedModelError, pitome_hook, root_state, swap_class
+from .base import Adapter, UnsupportedModelError, pitome_hook, relay_info, root_state, swap_class
 from .hf_common import (SUPPORTED_TRANSFORMERS, additive_mask, check_attention_backend, class_names,
                         drop_padding_slots, first_token_attention, register_output_capture, require_transformers,
                         split_heads_mean)
@@ -279,12 +279,7 @@ class _PatchedTaskModel:
     """Mixin for a task model around the base model: makes ``pitome.info`` work on the model the user holds."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self.__dict__.pop("_pitome_last", None)
-        out = super().forward(*args, **kwargs)
-        last = self.base_model.__dict__.get("_pitome_last")
-        if last is not None:
-            self.__dict__["_pitome_last"] = last
-        return out
+        return relay_info(self, self.base_model, lambda: super(_PatchedTaskModel, self).forward(*args, **kwargs))
 
 
 # --- the adapter ------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ the size-weighted mean).
 
 from __future__ import annotations
 
-import inspect
 import dataclasses
+import inspect
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
@@ -30,8 +30,6 @@ from .hf_common import (SUPPORTED_TRANSFORMERS, additive_mask, as_additive, chec
                         first_token_attention, register_output_capture, require_transformers, split_heads_mean)
 
 __all__ = ["HFViTAdapter", "VISION_MODELS"]
-
-
 
 # --- shared helpers ---------------------------------------------------------------------------------------
 
@@ -151,7 +149,7 @@ def after_layer(state: ForwardState, out: Tensor) -> Tensor:
     return out
 
 
-def start_source(state: ForwardState, key: RootKey, x: Tensor) -> None:
+def start_source(state: ForwardState, x: Tensor) -> None:
     """Track the source map internally when this forward needs it (unmerging), even without trace_source."""
     if state.source is None and state.needs_source:
         state.source = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
@@ -270,7 +268,7 @@ class _ViTLayer:
         if state is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
         layer = self.__dict__["_pitome_layer"]
-        start_source(state, self.__dict__["_pitome_key"], hidden_states)
+        start_source(state, hidden_states)
         state.enter_block(layer, hidden_states)
         normed = self.layernorm_before(hidden_states)
         mask = layer_mask(state, attention_mask, normed)
@@ -290,7 +288,7 @@ class _Dinov2Layer:
         if state is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
         layer = self.__dict__["_pitome_layer"]
-        start_source(state, self.__dict__["_pitome_key"], hidden_states)
+        start_source(state, hidden_states)
         state.enter_block(layer, hidden_states)
         normed = self.norm1(hidden_states)
         mask = layer_mask(state, attention_mask, normed)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..config import MergeSettings
 from ..step import ForwardState, RootKey, activate
-from .base import Adapter, UnsupportedModelError, root_state, swap_class
+from .base import Adapter, UnsupportedModelError, relay_info, root_state, swap_class
 from .hf_common import class_names, first_token_attention
 from .hf_vision import attention_mode, received_attention
 
@@ -106,12 +106,7 @@ class _PatchedClip:
     """Mixin for an open_clip CLIP model: ``pitome.info`` on the model the user holds."""
 
     def encode_image(self, *args: Any, **kwargs: Any) -> Any:
-        self.__dict__.pop("_pitome_last", None)
-        out = super().encode_image(*args, **kwargs)
-        last = self.visual.__dict__.get("_pitome_last")
-        if last is not None:
-            self.__dict__["_pitome_last"] = last
-        return out
+        return relay_info(self, self.visual, lambda: super(_PatchedClip, self).encode_image(*args, **kwargs))
 
 
 class OpenClipViTAdapter(Adapter):

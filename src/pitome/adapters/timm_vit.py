@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MergeSettings
-from ..step import ForwardState, RootKey, activate
+from ..step import ForwardState, RootKey, activate, log_size_bias
 from .base import Adapter, UnsupportedModelError, pitome_hook, root_state, swap_class
 
 __all__ = ["TimmViTAdapter"]
@@ -130,17 +130,17 @@ class _PatchedViT:
         avg = (tokens * weight).sum(dim=1) / weight.sum(dim=1)
         return avg if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + avg)
 
-
     def _attention_pool(self, x: Tensor, size: Tensor) -> Tensor:
         """Attention pooling (SigLIP's "map" head) with proportional attention: a token of size s weighs as s
         copies of itself, like in the blocks (only when prop_attn is on, the head's forward takes attn_mask)."""
-        if not self._pitome_settings.config.prop_attn or "attn_mask" not in inspect.signature(
-                self.attn_pool.forward).parameters:
+        if not self._pitome_settings.config.prop_attn or not _POOL_TAKES_MASK.get(type(self.attn_pool), False):
             return super().pool(x)
         start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
-        kept = size[:, start:]
-        bias = torch.log(kept.clamp_min(1e-30)).masked_fill(kept <= 0, float("-inf")).to(x.dtype)
-        return self.attn_pool(x[:, start:], attn_mask=bias[:, None, None, :])
+        return self.attn_pool(x[:, start:], attn_mask=log_size_bias(size[:, start:], x.dtype)[:, None, None, :])
+
+
+# attention-pool head class -> whether its forward takes attn_mask (read at patch time, not per forward)
+_POOL_TAKES_MASK: dict[type, bool] = {}
 
 
 class TimmViTAdapter(Adapter):
@@ -197,4 +197,7 @@ class TimmViTAdapter(Adapter):
                 q_norm.register_forward_hook(_capture_queries)
                 k_norm.register_forward_hook(_capture_attention)
             swap_class(block, _PatchedBlock)
+        pool = getattr(model, "attn_pool", None)
+        if pool is not None and type(pool) not in _POOL_TAKES_MASK:
+            _POOL_TAKES_MASK[type(pool)] = "attn_mask" in inspect.signature(pool.forward).parameters
         swap_class(model, _PatchedViT)

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from .. import zoo
+from ..config import preset_config
 from .base import ArrayDataset, Task, dataloader_factory, fixed_batches
 from .distributed import DistContext
-from ..config import preset_config
 from .engine import EvalModel, MergeSpec
 from .metrics import l2_normalize
 from .probe import LinearProbe, ProbeTask, embed
