@@ -1,13 +1,26 @@
-"""pitome: spectrum-preserving token merging (PiToMe), ToMe and baselines for pretrained Transformers."""
+"""pitome: spectrum-preserving token merging (PiToMe), ToMe and baselines for pretrained Transformers.
 
-from .algorithms import ALGORITHMS, available_algorithms, create_algorithm, register
-from .api import info, is_patched, patch, patched, settings, unpatch
-from .config import MergeConfig, available_presets
-from .plan import MergePlan, build_plan
-from .pooling import pool_mean
-from .schedule import predict_token_counts, resolve_budgets
+The public names load on first use (PEP 562), so ``pitome --help`` / ``--version`` and the command-line
+validation do not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "ALGORITHMS": "algorithms", "available_algorithms": "algorithms", "create_algorithm": "algorithms",
+    "register": "algorithms",
+    "info": "api", "is_patched": "api", "patch": "api", "patched": "api", "settings": "api", "unpatch": "api",
+    "MergeConfig": "config", "available_presets": "config",
+    "MergePlan": "plan", "build_plan": "plan",
+    "pool_mean": "pooling",
+    "predict_token_counts": "schedule", "resolve_budgets": "schedule",
+}
 
 __all__ = [
     "patch", "unpatch", "patched", "is_patched", "info", "settings",
@@ -15,3 +28,16 @@ __all__ = [
     "create_algorithm", "register", "predict_token_counts", "resolve_budgets", "__version__",
     "pool_mean",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pitome' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
