@@ -14,37 +14,49 @@ GAP = 2e-5
 CORE = ("pitome", "pitome_text", "pitome_bsm", "tome")
 
 
-def reference_tome(metric: np.ndarray, r: int) -> list[list[int]] | None:
-    """Parity split over mergeable tokens (A even, B odd); the r A tokens with the best match merge.
+def reference_tome(metric: np.ndarray, r: int, head: int) -> list[list[int]] | None:
+    """One ToMe step written from the paper (Bolya et al., ICLR 2023, Sec. 3), for one sequence of N tokens.
 
-    Output: unmerged A by position, then every B token (by position) with what merged into it.
+    A / B alternate over ALL tokens (token 0, the class token, is in A; a distillation token, token 1, in B);
+    the ``head`` protected tokens take part in no edge. Each A token's edge goes to its most similar B token;
+    the r most similar edges merge. Output: protected tokens (kept in front), the unmerged A tokens (by position
+    when there is a class token, else in edge-score order), then every B token with what merged into it.
+    Returns the groups of token indices in output order, or None when a near-tie makes the answer fragile.
     """
     k = metric / np.linalg.norm(metric, axis=1, keepdims=True)
-    tokens = len(k)
-    a_set, b_set = list(range(0, tokens, 2)), list(range(1, tokens, 2))
+    n = len(k)
+    a_set = [i for i in range(0, n, 2) if i >= head]
+    b_set = [i for i in range(1, n, 2) if i >= head]
     scores = k[a_set] @ k[b_set].T
     best = scores.max(axis=1)
     top2 = np.sort(scores, axis=1)[:, -2:]
-    if np.min(np.diff(np.sort(best))) <= GAP or np.min(top2[:, 1] - top2[:, 0]) <= GAP:
+    if len(best) > 1 and np.min(np.diff(np.sort(best))) <= GAP:
         return None
-    edge_order = np.argsort(-best, kind="stable")
-    merged = set(int(i) for i in edge_order[:r])
+    if len(b_set) > 1 and np.min(top2[:, 1] - top2[:, 0]) <= GAP:
+        return None
+    edge_order = [int(i) for i in np.argsort(-best, kind="stable")]
+    merged = set(edge_order[:r])
     dst = {a_set[i]: b_set[int(np.argmax(scores[i]))] for i in merged}
-    groups = [[a] for i, a in enumerate(a_set) if i not in merged]
+    unmerged = [i for i in edge_order if i not in merged]
+    if head > 0:
+        unmerged.sort()
+    groups = [[i] for i in range(head)] + [[a_set[i]] for i in unmerged]
     groups += [sorted([b] + [a for a, d in dst.items() if d == b]) for b in b_set]
     return groups
 
 
-def plan_groups(plan: MergePlan, b: int, head: int) -> list[list[int]]:
-    assign = plan.assign[b].tolist()
-    assert assign[:head] == list(range(head))
+def plan_groups(plan: MergePlan, b: int) -> list[list[int]]:
     slots: dict[int, list[int]] = {}
-    for i, s in enumerate(assign[head:]):
+    for i, s in enumerate(plan.assign[b].tolist()):
         slots.setdefault(s, []).append(i)
     return [slots[s] for s in sorted(slots)]
 
 
-@pytest.mark.parametrize("head,tokens", [(0, 16), (1, 25), (2, 30), (5, 17)])
+def _request(metric: torch.Tensor, r: torch.Tensor, head: int) -> MergeRequest:
+    return MergeRequest(metric=metric, r=r, r_max=int(r.max()), r_min=int(r.min()), num_protected=head)
+
+
+@pytest.mark.parametrize("head,tokens", [(0, 16), (1, 25), (2, 30), (5, 17), (1, 24), (0, 15)])
 def test_tome_plan_matches_reference(head, tokens):
     batch = 3
     r = torch.tensor([1, tokens // 4, tokens // 2])
@@ -52,35 +64,55 @@ def test_tome_plan_matches_reference(head, tokens):
     checked = 0
     for seed in range(60):
         metric = torch.randn(batch, head + tokens, 8, generator=torch.Generator().manual_seed(seed))
-        refs = [reference_tome(metric[b, head:].double().numpy(), int(r[b])) for b in range(batch)]
+        refs = [reference_tome(metric[b].double().numpy(), int(r[b]), head) for b in range(batch)]
         if any(ref is None for ref in refs):
             continue
-        plan = algo.plan(MergeRequest(metric=metric, r=r, r_max=int(r.max()), r_min=int(r.min()), num_protected=head))
+        plan = algo.plan(_request(metric, r, head))
         for b in range(batch):
-            assert plan_groups(plan, b, head) == refs[b], f"seed {seed} sample {b}"
+            assert plan_groups(plan, b) == refs[b], f"seed {seed} sample {b}"
         checked += 1
         if checked == 3:
             break
     assert checked == 3
 
 
-def test_tome_merged_features_are_size_weighted():
-    head, tokens, r = 1, 12, 4
-    for seed in range(50):
-        metric = torch.randn(1, head + tokens, 6, generator=torch.Generator().manual_seed(seed))
-        ref = reference_tome(metric[0, head:].double().numpy(), r)
-        if ref is not None:
-            break
-    plan = create_algorithm("tome").plan(MergeRequest(metric=metric, r=torch.tensor([r]), r_max=r, num_protected=head))
-    x, size = torch.randn(1, head + tokens, 3), torch.rand(1, head + tokens) + 1
-    out, new_size = plan.merge(x, size)
-    assert out.shape[1] == head + tokens - r
-    torch.testing.assert_close(out[0, :head], x[0, :head])
-    for slot, group in enumerate(ref, start=head):
-        idx = [g + head for g in group]
-        w = size[0, idx]
-        torch.testing.assert_close(out[0, slot], (x[0, idx] * w[:, None]).sum(0) / w.sum())
-        torch.testing.assert_close(new_size[0, slot], w.sum())
+@pytest.mark.parametrize("head", [0, 1, 2])  # no class token; class token; class + distillation token
+def test_tome_over_several_blocks_matches_reference(head):
+    """Three ToMe steps in a row, each on the previous step's merged features (size-weighted averages): the
+    output order matters from the second step on (it decides the next A / B split)."""
+    tokens, r, steps = 40, 7, 3
+    algo = create_algorithm("tome")
+    checked = 0
+    for seed in range(40):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(1, head + tokens, 8, generator=gen, dtype=torch.float64)
+        ref_x, ref_size = x[0].numpy().copy(), np.ones(head + tokens)
+        size = torch.ones(1, head + tokens, dtype=torch.float32)
+        ok = True
+        for _ in range(steps):
+            groups = reference_tome(ref_x, r, head)
+            if groups is None:
+                ok = False
+                break
+            plan = algo.plan(_request(x.float(), torch.tensor([r]), head))
+            assert plan_groups(plan, 0) == groups, f"seed {seed}"
+            weights = [ref_size[g] for g in groups]
+            ref_x = np.stack([(ref_x[g] * w[:, None]).sum(0) / w.sum() for g, w in zip(groups, weights)])
+            ref_size = np.array([w.sum() for w in weights])
+            x, size = plan.merge(x, size)
+            assert np.abs(x[0].numpy() - ref_x).max() <= 1e-5
+            assert np.array_equal(size[0].double().numpy(), ref_size)
+        checked += ok
+    assert checked >= 3
+
+
+def test_tome_split_includes_the_class_token():
+    """With a class token, the first patch token is in B: it can receive a merge, never merge away."""
+    metric = torch.randn(1, 9, 4, generator=torch.Generator().manual_seed(0))
+    metric[0, 2] = metric[0, 1] + 1e-3  # token 2 (A) is nearly identical to token 1 (B)
+    plan = create_algorithm("tome").plan(_request(metric, torch.tensor([1]), 1))
+    # A = {2, 4, 6, 8} (unmerged ones by position), then B = {1, 3, 5, 7}: token 2 merged into token 1
+    assert plan_groups(plan, 0) == [[0], [4], [6], [8], [1, 2], [3], [5], [7]]
 
 
 def test_tome_has_no_options_and_caps_at_half():

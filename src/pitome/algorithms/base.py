@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..plan import MergePlan, stable_argsort
 
-__all__ = ["MergeRequest", "MergeAlgorithm", "unit_rows", "sorted_desc"]
+__all__ = ["MergeRequest", "MergeAlgorithm", "ALGORITHMS", "register", "unit_rows", "sorted_desc"]
 
 
 @dataclass
@@ -112,6 +112,17 @@ class MergeAlgorithm:
                 f"unknown option(s) {unknown} for algorithm '{cls.name}'; allowed: {allowed or 'none'}"
             )
         return cls(**options)
+
+
+ALGORITHMS: dict[str, type[MergeAlgorithm]] = {}
+
+
+def register(cls: type[MergeAlgorithm]) -> type[MergeAlgorithm]:
+    """Make an algorithm selectable by its ``name`` (a class decorator; each algorithm file registers itself)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty 'name'")
+    ALGORITHMS[cls.name] = cls
+    return cls
 
 
 def unit_rows(metric: Tensor) -> Tensor:

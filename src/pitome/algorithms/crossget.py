@@ -20,13 +20,13 @@ from typing import ClassVar
 import torch
 
 from ..plan import MergePlan, build_plan
-from .base import MergeAlgorithm, MergeRequest, sorted_desc
-from .kth import candidates_or_all, cosine
-from .pitome import inverse_permutation
+from ._matching import candidates_or_all, cosine, inverse_permutation
+from .base import MergeAlgorithm, MergeRequest, register, sorted_desc
 
 __all__ = ["CrossGET"]
 
 
+@register
 @dataclass
 class CrossGET(MergeAlgorithm):
     """No options: the budget comes from the schedule."""

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from ..plan import MergePlan
-from .base import MergeAlgorithm, MergeRequest
-from .kth import candidates_or_all
+from ._matching import candidates_or_all
+from .base import MergeAlgorithm, MergeRequest, register
 
 __all__ = ["DCT", "dct_matrix", "reduction_matrix"]
 
@@ -55,6 +55,7 @@ def reduction_matrix(n: int, m: int, norm: str = "ortho") -> Tensor:
     return mat.to(torch.float32)
 
 
+@register
 @dataclass
 class DCT(MergeAlgorithm):
     """norm: 'ortho' (orthonormal DCT pair, as described) or 'mean' (rescaled so constants stay constant)."""

@@ -21,13 +21,14 @@ import torch
 from torch import Tensor
 
 from ..plan import MergePlan, build_plan
-from .base import MergeAlgorithm, MergeRequest
-from .evit import attention_ranking
-from .kth import cosine
+from ._attention import attention_ranking
+from ._matching import cosine
+from .base import MergeAlgorithm, MergeRequest, register
 
 __all__ = ["DiffRate"]
 
 
+@register
 @dataclass
 class DiffRate(MergeAlgorithm):
     """prune_fraction: share of each block's budget that is pruned (rounded half up); the rest is merged."""

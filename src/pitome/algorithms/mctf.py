@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from ..plan import MergePlan, build_plan
-from .base import MergeAlgorithm, MergeRequest
-from .evit import check_bool, mergeable_attention
-from .kth import bipartite_key, candidates_or_all, cosine, kth_split, match_into
+from ._attention import mergeable_attention
+from ._matching import bipartite_key, candidates_or_all, check_bool, cosine, kth_split, match_into
+from .base import MergeAlgorithm, MergeRequest, register
 
 __all__ = ["MCTF"]
 
@@ -46,6 +46,7 @@ def _power(tau: Optional[float]) -> float:
     return 0.0 if tau is None or math.isinf(tau) else 1.0 / float(tau)
 
 
+@register
 @dataclass
 class MCTF(MergeAlgorithm):
     """Options (the paper's and official defaults).

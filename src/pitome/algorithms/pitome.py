@@ -16,20 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..plan import MergePlan, build_plan, stable_argsort
-from .base import MergeAlgorithm, MergeRequest, sorted_desc, unit_rows
+from ._matching import inverse_permutation
+from .base import MergeAlgorithm, MergeRequest, register, sorted_desc, unit_rows
 
-__all__ = ["PiToMe", "PiToMeText", "PiToMeBSM", "energy_scores", "inverse_permutation", "similarity_quantile"]
+__all__ = ["PiToMe", "PiToMeText", "PiToMeBSM", "energy_scores", "similarity_quantile"]
 
 ENERGIES = ("elu", "paper", "gaussian")
 SPLITS = ("alternate", "top_next", "random")
 MATCHINGS = ("protect", "bsm")
-
-
-def inverse_permutation(perm: Tensor) -> Tensor:
-    """rank[b, perm[b, k]] = k."""
-    rank = torch.empty_like(perm)
-    rank.scatter_(1, perm, torch.arange(perm.shape[1], device=perm.device).expand_as(perm))
-    return rank
 
 
 def energy_scores(
@@ -102,6 +96,7 @@ def _energy_rows(work: Tensor, margin: "float | Tensor", kind: str, alpha: float
     return (positive + negative) / count
 
 
+@register
 @dataclass
 class PiToMe(MergeAlgorithm):
     """Options.
@@ -275,6 +270,7 @@ def _bipartite_over_energy(k: Tensor, order: Tensor, r: Tensor, cand: Optional[T
     return target, key
 
 
+@register
 @dataclass
 class PiToMeText(PiToMe):
     """The official text variant (BERT / DistilBERT): Gaussian energy, top-r / next-r split, m_l = 0.9 - 0.25 l/L."""
@@ -288,6 +284,7 @@ class PiToMeText(PiToMe):
     split: str = "top_next"
 
 
+@register
 @dataclass
 class PiToMeBSM(PiToMe):
     """Energy-ordered bipartite soft matching without protection (the official code's ``pitome_bsm``)."""

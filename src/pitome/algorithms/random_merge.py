@@ -19,15 +19,15 @@ import torch
 from torch import Tensor
 
 from ..plan import MergePlan, build_plan, stable_argsort
-from .base import MergeAlgorithm, MergeRequest
-from .kth import bipartite_key, candidates_or_all, check_int, cosine, match_into
-from .pitome import inverse_permutation
+from ._matching import bipartite_key, candidates_or_all, check_int, cosine, inverse_permutation, match_into
+from .base import MergeAlgorithm, MergeRequest, register
 
 __all__ = ["RandomMerge"]
 
 MATCHES = ("random", "similar")
 
 
+@register
 @dataclass
 class RandomMerge(MergeAlgorithm):
     """match: 'random' (random pairs) or 'similar' (best match on a random split); seed: used without a

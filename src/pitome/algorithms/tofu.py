@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 from ..plan import MergePlan, build_plan
-from .base import MergeAlgorithm, MergeRequest
-from .kth import bipartite_key, candidates_or_all, check_int, cosine, kth_split, match_into
+from ._matching import bipartite_key, candidates_or_all, check_int, cosine, kth_split, match_into
+from .base import MergeAlgorithm, MergeRequest, register
 
 __all__ = ["ToFu"]
 
 MODES = ("auto", "prune", "mlerp")
 
 
+@register
 @dataclass
 class ToFu(MergeAlgorithm):
     """Options.

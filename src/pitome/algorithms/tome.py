@@ -1,49 +1,62 @@
-"""ToMe: bipartite soft matching (Bolya et al., ICLR 2023), written from the paper.
+"""ToMe: bipartite soft matching (Bolya et al., ICLR 2023), written from the paper's description.
 
-Mergeable tokens alternate into sets A (even positions) and B (odd positions); each A token finds its most
-similar B token; the r A tokens with the most similar match merge into it. Protected tokens never merge
-and r is capped at half the mergeable tokens. With padding, positions count real tokens only, so a
-padded sequence splits exactly as the same sequence alone.
+As published, the tokens alternate into sets A and B over the *whole* sequence, protected tokens included: the
+class token is token 0, so it is in A and the first patch token is in B (a distillation token, token 1, is in B).
+Protected tokens neither merge nor receive merges. Each A token draws an edge to its most similar B token
+(cosine of the metric); the r most similar edges merge. Concatenating the sets back gives ToMe's output order:
+the unmerged A tokens, then B. With a class token ToMe lays the unmerged A tokens out by position (it sorts them
+so the class token stays first); without one it leaves them in edge-score order (most similar edge first).
+Differences we keep on purpose: protected tokens always keep their leading slots (ToMe's code moves a
+distillation token behind the unmerged A tokens), and r is capped at half the mergeable tokens as ToMe does.
+With padding, positions count real tokens only, so a padded sequence splits exactly as the same sequence alone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
 
 from ..plan import MergePlan, build_plan, stable_argsort
-from .base import MergeAlgorithm, MergeRequest, sorted_desc, unit_rows
-from .pitome import inverse_permutation
+from ._matching import inverse_permutation
+from .base import MergeAlgorithm, MergeRequest, register, sorted_desc, unit_rows
 
 __all__ = ["ToMe", "bipartite_soft_matching"]
 
 
-def bipartite_soft_matching(k: Tensor, r: Tensor, cand_sorted: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Targets and output keys for unit rows ``k`` (B, T, d) laid out with candidates first.
+def bipartite_soft_matching(k: Tensor, r: Tensor, cand_sorted: Optional[Tensor],
+                            num_protected: int) -> tuple[Tensor, Tensor]:
+    """Targets and output keys for unit rows ``k`` (B, T) of the mergeable tokens, candidates first.
 
-    Returns target (B, T) and order key (B, T) in that layout: unmerged A tokens by position, then B.
+    Token i of k is token ``num_protected + i`` of the sequence, so it is in A when that index is even.
+    Returns target (B, T) and order key (B, T) in that layout.
     """
     batch, tokens, _ = k.shape
     device = k.device
-    a, b = k[:, 0::2], k[:, 1::2]
+    first_a = num_protected % 2
+    a, b = k[:, first_a::2], k[:, 1 - first_a :: 2]
     scores = a @ b.transpose(1, 2)
     if cand_sorted is not None:
-        scores = scores.masked_fill(~cand_sorted[:, 1::2].unsqueeze(1), float("-inf"))
+        scores = scores.masked_fill(~cand_sorted[:, 1 - first_a :: 2].unsqueeze(1), float("-inf"))
     node_max, node_arg = scores.max(dim=-1)
     if cand_sorted is not None:
-        node_max = node_max.masked_fill(~cand_sorted[:, 0::2], float("-inf"))
-    merged = inverse_permutation(sorted_desc(node_max)) < r.unsqueeze(1)
+        node_max = node_max.masked_fill(~cand_sorted[:, first_a::2], float("-inf"))
+    edge_rank = inverse_permutation(sorted_desc(node_max))
+    merged = edge_rank < r.unsqueeze(1)
     positions = torch.arange(tokens, device=device)
-    pos_a, pos_b = positions[0::2], positions[1::2]
+    pos_a, pos_b = positions[first_a::2], positions[1 - first_a :: 2]
     target = positions.repeat(batch, 1)
-    target[:, 0::2] = torch.where(merged, pos_b[node_arg], pos_a)
-    key = positions.to(torch.float32) + tokens * (positions % 2).to(torch.float32)
-    return target, key.expand(batch, tokens)
+    target[:, first_a::2] = torch.where(merged, pos_b[node_arg], pos_a)
+    in_b = (positions % 2 != first_a).to(torch.float32)
+    key = (positions.to(torch.float32) + tokens * in_b).repeat(batch, 1)
+    if num_protected == 0:  # no class token: unmerged A tokens stay in edge-score order
+        key[:, first_a::2] = edge_rank.to(torch.float32)
+    return target, key
 
 
+@register
 @dataclass
 class ToMe(MergeAlgorithm):
     """No options: the budget comes from the schedule (fixed r as ToMe, or a keep-ratio)."""
@@ -54,18 +67,19 @@ class ToMe(MergeAlgorithm):
     def plan(self, request: MergeRequest) -> MergePlan:
         k = unit_rows(request.mergeable_metric)
         batch, tokens, _ = k.shape
+        h = request.num_protected
         cand = request.candidates
         if cand is None:
-            target, key = bipartite_soft_matching(k, request.r, None)
+            target, key = bipartite_soft_matching(k, request.r, None, h)
         else:
             # candidates first, in their own order; the rest (padding, frozen) after, never matched
             perm = stable_argsort((~cand).to(torch.int8), dim=1)
             k_sorted = k.gather(1, perm.unsqueeze(-1).expand_as(k))
-            target_p, key_p = bipartite_soft_matching(k_sorted, request.r, cand.gather(1, perm))
+            target_p, key_p = bipartite_soft_matching(k_sorted, request.r, cand.gather(1, perm), h)
             target = torch.empty_like(target_p)
             target.scatter_(1, perm, perm.gather(1, target_p))
             key = torch.empty_like(key_p)
             key.scatter_(1, perm, key_p)
             positions = torch.arange(tokens, device=k.device, dtype=key.dtype)
             key = torch.where(cand, key, 2 * tokens + positions)
-        return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors())
+        return build_plan(target, key, h, request.valid, max_survivors=request.survivors())
