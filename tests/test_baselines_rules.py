@@ -41,15 +41,20 @@ def dropped(plan: MergePlan, b: int = 0, head: int = 1) -> list[int]:
 # --- kth ---------------------------------------------------------------------------------------------------------
 
 def test_kth_every_kth_token_is_a_destination():
-    # k = 3: B = tokens 2 and 5; A = 0, 1, 3, 4. Best edges: 1 -> 2 (3 deg), 0 -> 5 (5 deg), 4 -> 2 (20), 3 -> 2 (40)
-    metric = angles(85, 3, 0, 40, 20, 90)
-    plan = create_algorithm("kth", k=3).plan(request(metric, 2))
+    # no protected token (the split counts them): k = 3: B = tokens 2 and 5; A = 0, 1, 3, 4.
+    # Best edges: 1 -> 2 (3 deg), 0 -> 5 (5 deg), 4 -> 2 (20), 3 -> 2 (40)
+    metric = angles(85, 3, 0, 40, 20, 90, head=0)
+    plan = create_algorithm("kth", k=3).plan(request(metric, 2, head=0))
     # unmerged A by position, then B by position
-    assert groups(plan) == [[3], [4], [1, 2], [0, 5]]
-    x = torch.arange(7.0).view(1, 7, 1)
-    out, size = plan.merge(x, torch.ones(1, 7))
-    assert out.flatten().tolist() == [0.0, 4.0, 5.0, (2.0 + 3.0) / 2, (1.0 + 6.0) / 2]
-    assert size.flatten().tolist() == [1, 1, 1, 2, 2]
+    assert groups(plan, head=0) == [[3], [4], [1, 2], [0, 5]]
+    x = torch.arange(6.0).view(1, 6, 1)
+    out, size = plan.merge(x, torch.ones(1, 6))
+    assert out.flatten().tolist() == [3.0, 4.0, (1.0 + 2.0) / 2, (0.0 + 5.0) / 2]
+    assert size.flatten().tolist() == [1, 1, 2, 2]
+    # with a class token in front, the split shifts by one: B = tokens 1 and 4 (sequence indices 2 and 5)
+    shifted = create_algorithm("kth", k=3).plan(request(angles(85, 3, 0, 40, 20, 90), 2))
+    # A = 0 (85), 2 (0), 3 (40), 5 (90); best edges 2 -> 1 (3 deg), 3 -> 4 (20 deg)
+    assert groups(shifted) == [[0], [5], [1, 2], [3, 4]]
 
 
 def test_kth_can_remove_all_of_a_and_k2_is_tome():
@@ -72,9 +77,9 @@ def test_tofu_matches_like_tome_and_prunes_or_merges_by_layer():
     assert late.norm == "max" and early.norm is None
     assert torch.equal(late.assign, tome.assign)
     # pruning: the A tokens ToMe would merge are dropped; everything else keeps ToMe's slot
-    # ToMe's A tokens (even mergeable positions) never receive merges: in a shared slot they are the ones that left
+    # ToMe's A tokens (even sequence positions) never receive merges: in a shared slot they are the ones that left
     shared = torch.stack([torch.bincount(row, minlength=tome.num_out)[row] > 1 for row in tome.assign])
-    is_a = torch.tensor([i >= 1 and (i - 1) % 2 == 0 for i in range(17)])
+    is_a = torch.tensor([i >= 1 and i % 2 == 0 for i in range(17)])  # A: even sequence indices (class token too)
     merged_away = shared & is_a
     assert int(merged_away.sum()) == 2 * 5
     assert torch.equal(early.assign < 0, merged_away)
@@ -92,19 +97,19 @@ def test_tofu_layer_switch_options():
 
 def test_tofu_mlerp_rescales_to_the_largest_member_norm():
     # A token 0 at 10 deg merges into B token 1 at 0 deg; token 2 (A, 90 deg) stays, B token 3 at 130 deg
-    metric = angles(10, 0, 90, 130)
-    plan = create_algorithm("tofu", mode="mlerp").plan(request(metric, 1))
-    assert groups(plan) == [[2], [0, 1], [3]]
-    x = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [0.0, 2.0], [5.0, 5.0], [0.0, 3.0]]])
-    out, size = plan.merge(x, torch.ones(1, 5))
-    mean = (x[0, 1] + x[0, 2]) / 2
-    torch.testing.assert_close(out[0, 2], mean * 2.0 / mean.norm())  # largest member norm is 2
-    assert torch.equal(out[0, [0, 1, 3]], x[0, [0, 3, 4]])  # single-member slots are untouched
-    assert size.flatten().tolist() == [1, 1, 2, 1]
-    pruned = create_algorithm("tofu", mode="prune").plan(request(metric, 1))
-    assert dropped(pruned) == [0] and groups(pruned) == [[2], [1], [3]]
-    out, size = pruned.merge(x, torch.ones(1, 5))
-    assert torch.equal(out[0], x[0, [0, 3, 2, 4]]) and size.sum() == 4
+    metric = angles(10, 0, 90, 130, head=2)  # class + distillation token: mergeable token 0 is in A
+    plan = create_algorithm("tofu", mode="mlerp").plan(request(metric, 1, head=2))
+    assert groups(plan, head=2) == [[2], [0, 1], [3]]
+    x = torch.tensor([[[9.0, 9.0], [9.0, 9.0], [1.0, 0.0], [0.0, 2.0], [5.0, 5.0], [0.0, 3.0]]])
+    out, size = plan.merge(x, torch.ones(1, 6))
+    mean = (x[0, 2] + x[0, 3]) / 2
+    torch.testing.assert_close(out[0, 3], mean * 2.0 / mean.norm())  # largest member norm is 2
+    assert torch.equal(out[0, [0, 1, 2, 4]], x[0, [0, 1, 4, 5]])  # single-member slots are untouched
+    assert size.flatten().tolist() == [1, 1, 1, 2, 1]
+    pruned = create_algorithm("tofu", mode="prune").plan(request(metric, 1, head=2))
+    assert dropped(pruned, head=2) == [0] and groups(pruned, head=2) == [[2], [1], [3]]
+    out, size = pruned.merge(x, torch.ones(1, 6))
+    assert torch.equal(out[0], x[0, [0, 1, 4, 3, 5]]) and size.sum() == 5
 
 
 # --- dct ---------------------------------------------------------------------------------------------------------
@@ -190,44 +195,44 @@ def test_mctf_with_similarity_only_is_tome():
 
 def test_mctf_informativeness_fuses_the_less_attended_token_first():
     # A tokens 0 and 2 are equally similar to B token 1 (+-10 deg); only attention tells them apart
-    metric = angles(10, 0, -10, 90)
-    attention = torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.05]])
-    plan = _mctf(tau_size=None).plan(request(metric, 1, attention=attention))
-    assert groups(plan) == [[0], [1, 2], [3]]
-    attention = torch.tensor([[0.5, 0.05, 0.1, 0.3, 0.05]])
-    plan = _mctf(tau_size=None).plan(request(metric, 1, attention=attention))
-    assert groups(plan) == [[2], [0, 1], [3]]
+    metric = angles(10, 0, -10, 90, head=2)  # class + distillation token: mergeable 0 is in A
+    attention = torch.tensor([[0.5, 0.5, 0.3, 0.1, 0.05, 0.05]])
+    plan = _mctf(tau_size=None).plan(request(metric, 1, head=2, attention=attention))
+    assert groups(plan, head=2) == [[0], [1, 2], [3]]
+    attention = torch.tensor([[0.5, 0.5, 0.05, 0.1, 0.3, 0.05]])
+    plan = _mctf(tau_size=None).plan(request(metric, 1, head=2, attention=attention))
+    assert groups(plan, head=2) == [[2], [0, 1], [3]]
 
 
 def test_mctf_size_criterion_spares_large_tokens():
-    metric = angles(10, 0, -10, 90)
-    attention = torch.full((1, 5), 0.2)
+    metric = angles(10, 0, -10, 90, head=2)  # class + distillation token: mergeable 0 is in A
+    attention = torch.full((1, 6), 0.2)
     size = torch.tensor([[5.0, 1.0, 1.0, 1.0]])
-    plan = _mctf().plan(request(metric, 1, attention=attention, size=size))
-    assert groups(plan) == [[0], [1, 2], [3]]  # token 0 is big: token 2 goes instead
-    plan = _mctf(tau_size=None).plan(request(metric, 1, attention=attention, size=size))
-    assert groups(plan) == [[2], [0, 1], [3]]  # without the size criterion the tie goes to the lower position
+    plan = _mctf().plan(request(metric, 1, head=2, attention=attention, size=size))
+    assert groups(plan, head=2) == [[0], [1, 2], [3]]  # token 0 is big: token 2 goes instead
+    plan = _mctf(tau_size=None).plan(request(metric, 1, head=2, attention=attention, size=size))
+    assert groups(plan, head=2) == [[2], [0, 1], [3]]  # without the size criterion the tie goes to the lower position
 
 
 def test_mctf_bidirectional_second_pass_and_attention_weighted_fusion():
     # A = 0, 2, 4; B = 1, 3, 5. Pass 1 (1 edge): 0 -> 1 (1 deg). Pass 2 (1 edge): B -> remaining A {2, 4}:
     # 5 -> 4 (2 deg) beats 3 -> 2 (30 deg) and 1 -> 2 (~60 deg)
-    metric = angles(0, 1, 60, 90, 150, 152)
-    attention = torch.tensor([[0.1, 0.2, 0.1, 0.1, 0.1, 0.3, 0.1]])
-    plan = _mctf(tau_info=None, tau_size=None).plan(request(metric, 2, attention=attention))
-    assert groups(plan) == [[2], [4, 5], [0, 1], [3]]
-    x = torch.arange(7.0).view(1, 7, 1)
-    out, _ = plan.merge(x, torch.ones(1, 7))
-    torch.testing.assert_close(out[0, 2, 0], torch.tensor((0.3 * 5 + 0.1 * 6) / 0.4))
-    torch.testing.assert_close(out[0, 3, 0], torch.tensor((0.2 * 1 + 0.1 * 2) / 0.3))
+    metric = angles(0, 1, 60, 90, 150, 152, head=2)
+    attention = torch.tensor([[0.1, 0.1, 0.2, 0.1, 0.1, 0.1, 0.3, 0.1]])
+    plan = _mctf(tau_info=None, tau_size=None).plan(request(metric, 2, head=2, attention=attention))
+    assert groups(plan, head=2) == [[2], [4, 5], [0, 1], [3]]
+    x = torch.arange(8.0).view(1, 8, 1) - 1.0  # mergeable token i has value i + 1
+    out, _ = plan.merge(x, torch.ones(1, 8))
+    torch.testing.assert_close(out[0, 3, 0], torch.tensor((0.3 * 5 + 0.1 * 6) / 0.4))
+    torch.testing.assert_close(out[0, 4, 0], torch.tensor((0.2 * 1 + 0.1 * 2) / 0.3))
 
 
 def test_mctf_second_pass_carries_earlier_merges_along():
     # pass 1: 0 -> 1 (1 deg); pass 2: B token 1 is closest to the remaining A token 2 (3 deg), so 0 follows it
-    metric = angles(0, 1, 4, 90)
-    attention = torch.full((1, 5), 0.2)
-    plan = _mctf(tau_info=None, tau_size=None).plan(request(metric, 2, attention=attention))
-    assert groups(plan) == [[0, 1, 2], [3]]
+    metric = angles(0, 1, 4, 90, head=2)
+    attention = torch.full((1, 6), 0.2)
+    plan = _mctf(tau_info=None, tau_size=None).plan(request(metric, 2, head=2, attention=attention))
+    assert groups(plan, head=2) == [[0, 1, 2], [3]]
 
 
 # --- crossget ----------------------------------------------------------------------------------------------------

@@ -69,10 +69,12 @@ def bipartite_key(in_b: Tensor, cand: Tensor) -> Tensor:
     return torch.where(cand, key, 2 * tokens + positions)
 
 
-def kth_split(cand: Tensor, k: int) -> Tensor:
-    """(B, T) bool: B = candidates whose rank among candidates is k-1, 2k-1, ... (k = 2: odd ranks)."""
+def kth_split(cand: Tensor, k: int, num_protected: int) -> Tensor:
+    """(B, T) bool: set B = candidates whose index in the sequence is k-1, 2k-1, ..., counting the protected
+    tokens in front and real tokens only (padding and frozen tokens take no index). As ToMe, which splits the
+    whole sequence: with k = 2 and a class token, the first mergeable token is in B."""
     rank = candidate_rank(cand)
-    return cand & (rank % k == k - 1)
+    return cand & ((rank + num_protected) % k == k - 1)
 
 
 def check_int(value: object, name: str, minimum: int) -> int:

@@ -89,7 +89,7 @@ class MCTF(MergeAlgorithm):
     def plan(self, request: MergeRequest) -> MergePlan:
         att = mergeable_attention(request, self.name)
         cand = candidates_or_all(request)
-        in_b = kth_split(cand, 2)
+        in_b = kth_split(cand, 2, request.num_protected)
         in_a = cand & ~in_b
         log_w = self.attraction(request, att)
         second = request.r // 2 if self.bidirectional else torch.zeros_like(request.r)

@@ -52,7 +52,7 @@ class ToFu(MergeAlgorithm):
 
     def plan(self, request: MergeRequest) -> MergePlan:
         cand = candidates_or_all(request)
-        in_b = kth_split(cand, 2)
+        in_b = kth_split(cand, 2, request.num_protected)
         target, merged = match_into(cosine(request), cand & ~in_b, in_b, request.r)
         key = bipartite_key(in_b, cand)
         if self.prunes(request.layer, request.num_layers):
