@@ -13,8 +13,8 @@ import time
 import torch
 
 import pitome
-from pitome.flops import EncoderShape, encoder_macs
-from pitome.schedule import predict_token_counts, resolve_budgets
+from pitome.flops import EncoderShape
+from pitome.solver import ModelCost, match_flops
 
 
 def vit_shape(model: torch.nn.Module) -> EncoderShape:
@@ -22,15 +22,18 @@ def vit_shape(model: torch.nn.Module) -> EncoderShape:
     return EncoderShape(dim=model.embed_dim, mlp_hidden=block.mlp.fc1.out_features, attn_dim=block.attn.qkv.out_features // 3)
 
 
-def predicted_macs(model: torch.nn.Module, tokens: int, **budget) -> int:
-    budgets = resolve_budgets(len(model.blocks), **budget)
-    return encoder_macs(vit_shape(model), predict_token_counts(budgets, tokens, model.num_prefix_tokens))
+def model_cost(model: torch.nn.Module, tokens: int) -> ModelCost:
+    return ModelCost(shape=vit_shape(model), num_layers=len(model.blocks), num_tokens=tokens,
+                     num_protected=model.num_prefix_tokens)
 
 
-def tome_r_for(model: torch.nn.Module, tokens: int, target_macs: int) -> int:
-    """The ToMe r whose FLOPs are closest to a target."""
-    candidates = range(0, (tokens - model.num_prefix_tokens) // 2 + 1)
-    return min(candidates, key=lambda r: abs(predicted_macs(model, tokens, r=r) - target_macs))
+def predicted_macs(model: torch.nn.Module, tokens: int, **budget) -> float:
+    return model_cost(model, tokens).macs(**budget)
+
+
+def tome_r_for(model: torch.nn.Module, tokens: int, target_macs: float) -> int:
+    """The ToMe r whose FLOPs are closest to a target (``pitome.solver.match_flops``)."""
+    return int(match_flops(model_cost(model, tokens), target_macs, "tome", by="r").r)
 
 
 def main() -> None:

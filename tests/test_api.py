@@ -18,6 +18,7 @@ timm = pytest.importorskip("timm")
 from timm.models.vision_transformer import Block  # noqa: E402
 
 from pitome.adapters.timm_vit import _PatchedBlock  # noqa: E402
+from pitome.config import PRESET_FAMILIES, build_config, resolve  # noqa: E402
 
 
 def _snapshot(model: nn.Module) -> dict:
@@ -277,7 +278,7 @@ def test_unsupported_models(build):
 
 # -- presets ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("preset", pitome.available_presets())
+@pytest.mark.parametrize("preset", [p for p in pitome.available_presets() if PRESET_FAMILIES.get(p) != "text"])
 def test_every_preset_patches_and_runs(preset, make_vit, images):
     model, x = make_vit(), images(2)
     pitome.patch(model, preset=preset)
@@ -304,10 +305,17 @@ def test_deit_and_mae_presets_split_the_blocks(depth, make_vit):
         ["protect"] * half + ["bsm"] * (depth - half))
 
 
+@pytest.mark.parametrize("preset", ["bert", "distilbert"])
+def test_a_family_preset_on_the_wrong_family_is_refused(preset, make_vit):
+    model = make_vit()
+    with pytest.raises(ValueError, match=f"preset '{preset}' is for text models, but this model is a vision model"):
+        pitome.patch(model, preset=preset)
+    assert not pitome.is_patched(model)
+
+
 def test_preset_details_and_overrides(make_vit):
     model = make_vit(depth=6, embed_dim=32, num_heads=2)
-    pitome.patch(model, preset="bert", ratio=0.8)
-    s = pitome.settings(model)
+    s = resolve(build_config(6, preset="bert", ratio=0.8), 6, 1)  # a text preset: checked without a text model
     assert [layer.merges for layer in s.layers] == [True] * 3 + [False] * 3
     assert type(s.layers[0].algorithm).name == "pitome_text" and s.layers[0].algorithm.energy == "gaussian"
     assert s.config.size_weighted is False

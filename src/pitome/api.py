@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from torch import nn
 
 from .adapters import find_adapter
 from .adapters.base import ATTRS
-from .config import MergeSettings, build_config, resolve
+from .config import MergeConfig, MergeSettings, build_config, resolve
+from .schedule import RatioSpec, RSpec
 from .step import MergeInfo
 
-__all__ = ["patch", "unpatch", "patched", "is_patched", "info", "settings"]
+__all__ = ["patch", "apply", "unpatch", "patched", "is_patched", "info", "settings"]
 
 
 def patch(
     model: nn.Module,
-    algorithm: Any = None,
-    ratio: Any = None,
-    r: Any = None,
+    algorithm: Union[None, str, Sequence[Optional[str]]] = None,
+    ratio: Optional[RatioSpec] = None,
+    r: Optional[RSpec] = None,
     *,
     preset: Optional[str] = None,
     layers: Optional[Sequence[int]] = None,
@@ -42,19 +43,31 @@ def patch(
     Patching a patched model reconfigures it (it is unpatched first, never wrapped twice); invalid
     arguments raise before anything changes, so the previous patch stays in place.
     """
+    _check_model(model)
     adapter = find_adapter(model)
-    num_layers = adapter.num_layers(model)
     config = build_config(
-        num_layers, algorithm, ratio, r, preset=preset, layers=layers, prop_attn=prop_attn,
+        adapter.num_layers(model), algorithm, ratio, r, preset=preset, layers=layers, prop_attn=prop_attn,
         size_weighted=size_weighted, metric=metric, trace_source=trace_source, seed=seed,
         family=getattr(adapter, "family", None) or None, **options,
     )
-    merge_settings = resolve(config, num_layers, adapter.num_protected(model))
+    return apply(model, config)
+
+
+def apply(model: nn.Module, config: MergeConfig) -> nn.Module:
+    """Patch with a complete config (presets already folded in): the one path every (re-)patch takes, so
+    restoring a previous patch (``patched``, the solver) keeps everything it had, preset included."""
+    adapter = find_adapter(model)
+    merge_settings = resolve(config, adapter.num_layers(model), adapter.num_protected(model))
     if is_patched(model):
         unpatch(model)
     adapter.patch(model, merge_settings)
     model.__dict__["_pitome_adapter"] = adapter
     return model
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__} ({model!r:.60})")
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -63,6 +76,7 @@ def is_patched(model: nn.Module) -> bool:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Give the model back exactly: original classes, no hooks, no extra attributes."""
+    _check_model(model)
     adapter = model.__dict__.get("_pitome_adapter")
     if adapter is None:
         return model
@@ -82,10 +96,7 @@ def patched(model: nn.Module, *args: Any, **kwargs: Any) -> Iterator[nn.Module]:
     finally:
         unpatch(model)
         if previous is not None:
-            c = previous.config
-            patch(model, c.algorithm, c.ratio, c.r, preset=c.preset, layers=c.layers, prop_attn=c.prop_attn,
-                  size_weighted=c.size_weighted, metric=c.metric, trace_source=c.trace_source, seed=c.seed,
-                  **c.options)
+            apply(model, previous.config)
 
 
 def settings(model: nn.Module) -> MergeSettings:

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
-from .algorithms import ALGORITHMS, MergeAlgorithm, algorithm_class, available_algorithms
-from .schedule import Budget, resolve_budgets
+import torch
+from torch import Tensor
 
-__all__ = ["MergeConfig", "LayerSettings", "MergeSettings", "PRESETS", "available_presets", "resolve"]
+from .algorithms import ALGORITHMS, MergeAlgorithm, algorithm_class
+from .schedule import Budget, capped, resolve_budgets
+
+__all__ = ["MergeConfig", "LayerSettings", "MergeSettings", "PRESETS", "available_presets", "resolve",
+           "bound_settings"]
 
 METRICS = ("keys", "hidden")
+SEED_RANGE = (-(2**63), 2**64 - 1)
+# pitome.patch's own keyword parameters: a misspelt one arrives among the algorithm options
+PATCH_PARAMETERS = ("algorithm", "ratio", "r", "preset", "layers", "prop_attn", "size_weighted", "metric",
+                    "trace_source", "seed")
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,31 @@ class LayerSettings:
     def merges(self) -> bool:
         return self.algorithm is not None and self.budget is not None
 
+    def remove_count(self, candidates: int, frozen: int = 0, warn_layer: Optional[int] = None) -> int:
+        """Tokens this block removes from a sample: THE token-count rule (predictions, the merge step, FLOPs).
+
+        candidates: real tokens that may merge (after the protected ones; not padding, not frozen).
+        frozen:     real tokens after the protected ones that stay as they are ([SEP] / EOS). The budget is
+                    taken on candidates + frozen (the official code counts [SEP] in T), then capped by what
+                    the algorithm can remove from the candidates in one step (``max_removable``).
+        warn_layer: warn (once per call site) when the cap applies, naming this block.
+        """
+        if not self.merges:
+            return 0
+        requested = self.budget.remove_count(candidates + frozen)
+        allowed = int(self.algorithm.max_removable(max(candidates, 0)))
+        if warn_layer is not None:
+            return max(capped(requested, allowed, warn_layer), 0)
+        return max(min(requested, allowed), 0)
+
+    def remove_counts(self, candidates: Tensor, frozen: "Tensor | int" = 0, warn_layer: Optional[int] = None) -> Tensor:
+        """``remove_count`` per sample, for (B,) long tensors of counts (padded batches)."""
+        requested = self.budget.remove_counts(candidates + frozen)
+        allowed = self.algorithm.max_removable(candidates)
+        if warn_layer is not None and bool((requested > allowed).any()):
+            capped(int(requested.max()), int(allowed.max()), warn_layer)
+        return torch.minimum(requested, allowed).clamp_min(0)
+
 
 @dataclass(frozen=True)
 class MergeSettings:
@@ -66,6 +100,19 @@ class MergeSettings:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def token_counts(self, num_tokens: int, frozen: int = 0) -> list[int]:
+        """Tokens entering each block, then those leaving the last one (length L + 1), for one sample of
+        ``num_tokens`` real tokens of which ``frozen`` (after the protected ones) never merge.
+
+        With padding a batch is as wide as its widest sample; each sample's real tokens follow this count for
+        its own length (``pitome.info(model).valid`` marks them)."""
+        counts = [num_tokens]
+        for spec in self.layers:
+            candidates = max(num_tokens - self.num_protected - frozen, 0)
+            num_tokens -= spec.remove_count(candidates, frozen)
+            counts.append(num_tokens)
+        return counts
 
 
 # --- presets: the official per-family settings of the paper's code (spec §1.5, §1.7) -------------------
@@ -175,6 +222,10 @@ PRESETS["auto"] = (_auto_unbound, "our defaults per model family (vision / text)
                                   "offline models at equal FLOPs (docs/ablation.md); the family comes from the adapter")
 
 
+# the model family a preset was written for (None: any family, e.g. CLIP / BLIP presets serve both towers)
+PRESET_FAMILIES: dict[str, Optional[str]] = {"deit": "vision", "mae": "vision", "bert": "text", "distilbert": "text"}
+
+
 def available_presets() -> list[str]:
     return sorted(PRESETS)
 
@@ -188,6 +239,11 @@ def preset_config(name: str, num_layers: int, family: Optional[str] = None) -> d
             raise ValueError(f"preset 'auto' needs the model family, one of {FAMILIES}; got {family!r} "
                              "(a custom adapter can declare it with a class attribute family = 'vision' or 'text')")
         return AUTO[family](num_layers)
+    declared = PRESET_FAMILIES.get(name)
+    if declared is not None and family is not None and family != declared:
+        fitting = sorted(n for n in PRESETS if PRESET_FAMILIES.get(n) in (None, family))
+        raise ValueError(f"preset {name!r} is for {declared} models, but this model is a {family} model; "
+                         f"presets that fit it: {', '.join(fitting)}")
     return PRESETS[name][0](num_layers)
 
 
@@ -207,8 +263,11 @@ def _validate_switches(config: MergeConfig) -> None:
             raise ValueError(f"{key} must be True or False, got {getattr(config, key)!r}")
     if config.metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {config.metric!r}")
-    if config.seed is not None and (isinstance(config.seed, bool) or not isinstance(config.seed, numbers.Integral)):
-        raise ValueError(f"seed must be an integer or None, got {config.seed!r}")
+    seed = config.seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise ValueError(f"seed must be None or an integer in [-2**63, 2**64 - 1] (torch.Generator's range), "
+                         f"got {seed!r}")
 
 
 def resolve(config: MergeConfig, num_layers: int, num_protected: int) -> MergeSettings:
@@ -224,7 +283,12 @@ def resolve(config: MergeConfig, num_layers: int, num_protected: int) -> MergeSe
     unknown = sorted(set(config.options) - accepted)
     if unknown:
         allowed = {name: ALGORITHMS[name].option_names() for name in sorted(used)}
-        raise ValueError(f"unknown option(s) {unknown}; options of the chosen algorithm(s): {allowed}")
+        known = list(PATCH_PARAMETERS) + sorted(accepted)
+        hints = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
+        hint = "; ".join(f"did you mean {m[0]!r} for {u!r}?" for u, m in hints.items() if m)
+        raise ValueError(f"unknown option(s) {unknown}" + (f" ({hint})" if hint else "")
+                         + f"; patch() parameters: {', '.join(PATCH_PARAMETERS)}; "
+                         f"options of the chosen algorithm(s): {allowed}")
     per_layer_options = {k: _per_layer(v, num_layers, f"option {k!r}") for k, v in config.options.items()}
     layers = []
     for index, (name, budget) in enumerate(zip(names, budgets)):
@@ -237,6 +301,15 @@ def resolve(config: MergeConfig, num_layers: int, num_protected: int) -> MergeSe
     needs_attention = any(s.algorithm is not None and s.algorithm.needs_attention for s in layers)
     return MergeSettings(config=config, layers=tuple(layers), num_protected=num_protected,
                          needs_attention=needs_attention)
+
+
+def bound_settings(budgets: Sequence[Optional[Budget]], num_protected: int, algorithm: str = "pitome",
+                   options: Optional[dict] = None) -> MergeSettings:
+    """Settings for per-block budgets merged by one algorithm, without a model (token-count predictions)."""
+    algo = algorithm_class(algorithm).create(**(options or {}))
+    layers = tuple(LayerSettings(algorithm=algo if b is not None else None, budget=b) for b in budgets)
+    return MergeSettings(config=MergeConfig(algorithm=algorithm, options=dict(options or {})), layers=layers,
+                         num_protected=num_protected, needs_attention=algo.needs_attention)
 
 
 def build_config(
@@ -273,6 +346,3 @@ def build_config(
         ratio = default_ratio
     return replace(MergeConfig(), **fields, ratio=ratio, r=r, trace_source=trace_source, seed=seed, preset=preset)
 
-
-def describe_algorithms() -> dict[str, str]:
-    return {name: ALGORITHMS[name].summary for name in available_algorithms()}

@@ -171,8 +171,7 @@ def merge_step_macs(settings: Any, shape: EncoderShape, tokens_in: Sequence[Opti
         if tokens is None or spec is None or not spec.merges:
             continue
         mergeable = tokens - settings.num_protected
-        r = min(spec.budget.remove_count(mergeable), int(spec.algorithm.max_removable(mergeable)))
-        if r > 0:
+        if spec.remove_count(mergeable) > 0:
             total += int(spec.algorithm.merge_macs(mergeable, width))
     return total
 

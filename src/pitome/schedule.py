@@ -6,7 +6,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -128,17 +128,20 @@ def capped(requested: int, allowed: int, layer: int) -> int:
 
 
 def predict_token_counts(
-    budgets: Sequence[Optional[Budget]], num_tokens: int, num_protected: int = 1
+    budgets: "Sequence[Optional[Budget]] | Any", num_tokens: int, num_protected: int = 1, *,
+    algorithm: str = "pitome", frozen: int = 0, **options: Any,
 ) -> list[int]:
-    """Tokens entering each block, then the tokens leaving the last one (length L + 1).
+    """Tokens entering each block, then the tokens leaving the last one (length L + 1), for one sample.
 
-    Assumes a bipartite cap of half the mergeable tokens per step, as PiToMe and ToMe.
+    budgets:   ``pitome.settings(model)`` (a patched model's resolved settings: its algorithms, budgets and
+               protected tokens; ``num_protected`` / ``algorithm`` are then ignored), or per-block budgets
+               (``resolve_budgets``) merged by ``algorithm`` with ``options`` (its cap per step matters: bipartite
+               methods remove at most half the candidates, dct / evit / diffrate / kth more).
+    frozen:    real tokens after the protected ones that never merge (a text model's final [SEP]).
+    With padding, call it with each sample's own length: a padded batch's real tokens per sample follow it.
+    The merge step computes its counts with the same rule (``LayerSettings.remove_count``).
     """
-    counts = [num_tokens]
-    tokens = num_tokens
-    for layer, budget in enumerate(budgets):
-        if budget is not None:
-            mergeable = tokens - num_protected
-            tokens -= min(budget.remove_count(mergeable), mergeable // 2)
-        counts.append(tokens)
-    return counts
+    from .config import MergeSettings, bound_settings
+
+    settings = budgets if isinstance(budgets, MergeSettings) else bound_settings(budgets, num_protected, algorithm, options)
+    return settings.token_counts(num_tokens, frozen)

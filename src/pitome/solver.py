@@ -1,7 +1,7 @@
 """FLOPs-target schedules: the PiToMe keep-ratio (or ToMe r) that removes X% of a model's FLOPs.
 
-Token counts come from ``pitome.schedule.predict_token_counts`` (no forward needed once the model's
-``ModelCost`` is known) and FLOPs from ``pitome.flops``. FLOPs fall monotonically as the ratio falls or r
+Token counts come from ``MergeSettings.token_counts`` (the merge step's own rule, including each algorithm's
+cap per step; no forward needed once the model's ``ModelCost`` is known) and FLOPs from ``pitome.flops``. FLOPs fall monotonically as the ratio falls or r
 grows, so a bisection (ratio) or a scan (r) finds the budget whose FLOPs are closest to the target; the
 answer is off by at most one merge step's worth of tokens, since budgets are discrete.
 """
@@ -15,8 +15,9 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from .algorithms import algorithm_class
-from .flops import EncoderShape, block_macs, count_macs, metric_width
-from .schedule import predict_token_counts, resolve_budgets
+from .config import bound_settings
+from .flops import EncoderShape, count_macs, encoder_macs, metric_width
+from .schedule import resolve_budgets
 
 __all__ = ["ModelCost", "Solution", "solve", "match_flops", "default_budget_kind"]
 
@@ -27,6 +28,8 @@ class ModelCost:
 
     extra_macs: stem and head (outside the blocks), the same whatever the budget.
     metric:     'keys' or 'hidden' (width of the similarity the merge step computes).
+    lengths:    tokens per item when items differ (text): MACs are the mean over them; empty = num_tokens.
+    frozen:     real tokens after the protected ones that never merge (a text model's final [SEP]).
     """
 
     shape: EncoderShape
@@ -35,6 +38,8 @@ class ModelCost:
     num_protected: int
     extra_macs: int = 0
     metric: str = "keys"
+    lengths: tuple[int, ...] = ()
+    frozen: int = 0
 
     @classmethod
     def from_model(cls, model: nn.Module, inputs: Any, metric: str = "keys") -> "ModelCost":
@@ -51,30 +56,34 @@ class ModelCost:
             protected, layers = adapter.num_protected(model), adapter.num_layers(model)
         finally:
             if previous is not None:
-                from .api import patch
+                from .api import apply
 
-                patch(model, previous.algorithm, previous.ratio, previous.r, layers=previous.layers,
-                      prop_attn=previous.prop_attn, size_weighted=previous.size_weighted, metric=previous.metric,
-                      trace_source=previous.trace_source, seed=previous.seed, **previous.options)
+                apply(model, previous)
         return cls(shape=count.shape, num_layers=layers, num_tokens=count.tokens_per_layer[0],
                    num_protected=protected, extra_macs=count.extra_macs, metric=metric)
 
-    def token_counts(self, ratio: Any = None, r: Any = None, layers: Optional[Sequence[int]] = None) -> list[int]:
+    def token_counts(self, ratio: Any = None, r: Any = None, layers: Optional[Sequence[int]] = None,
+                     algorithm: str = "pitome", num_tokens: Optional[int] = None) -> list[int]:
+        """Tokens entering each block, then leaving the last, for ``num_tokens`` (default: the model's input)."""
         budgets = resolve_budgets(self.num_layers, ratio=ratio, r=r, layers=layers)
-        return predict_token_counts(budgets, self.num_tokens, self.num_protected)
+        settings = bound_settings(budgets, self.num_protected, algorithm)
+        return settings.token_counts(self.num_tokens if num_tokens is None else num_tokens, self.frozen)
 
     def macs(self, ratio: Any = None, r: Any = None, algorithm: str = "pitome", layers: Optional[Sequence[int]] = None,
-             include_merge: bool = False) -> int:
-        """MACs per item under a budget (ratio=1.0 or r=0: the unmerged model)."""
-        counts = self.token_counts(ratio=ratio, r=r, layers=layers)
-        total = self.extra_macs + sum(block_macs(self.shape, counts[i], counts[i + 1]) for i in range(self.num_layers))
-        if include_merge:
-            algo = algorithm_class(algorithm)()
-            width = metric_width(self.shape, self.metric)
-            for i in range(self.num_layers):
-                if counts[i + 1] < counts[i]:
-                    total += int(algo.merge_macs(counts[i] - self.num_protected, width))
-        return total
+             include_merge: bool = False) -> float:
+        """MACs per item under a budget (ratio=1.0 or r=0: the unmerged model); the mean over ``lengths``."""
+        lengths = self.lengths or (self.num_tokens,)
+        total = 0
+        for n in set(lengths):
+            counts = self.token_counts(ratio=ratio, r=r, layers=layers, algorithm=algorithm, num_tokens=n)
+            macs = self.extra_macs + encoder_macs(self.shape, counts)
+            if include_merge:
+                algo = algorithm_class(algorithm)()
+                width = metric_width(self.shape, self.metric)
+                macs += sum(int(algo.merge_macs(counts[i] - self.num_protected, width))
+                            for i in range(self.num_layers) if counts[i + 1] < counts[i])
+            total += lengths.count(n) * macs
+        return total if len(lengths) == 1 else total / len(lengths)
 
     @property
     def base_macs(self) -> int:
@@ -88,7 +97,7 @@ class Solution:
     algorithm: str
     ratio: Optional[float]
     r: Optional[int]
-    macs: int
+    macs: float
     base_macs: int
     target_macs: float
     token_counts: tuple[int, ...]
@@ -142,8 +151,8 @@ def match_flops(cost: ModelCost, target_macs: float, algorithm: str = "tome", by
         budget = {"ratio": value} if kind == "ratio" else {"r": value}
         return cost.macs(**budget, algorithm=algorithm, layers=layers, include_merge=include_merge)
 
-    if kind == "r":
-        r_max = max((cost.num_tokens - cost.num_protected) // 2, 0)
+    if kind == "r":  # beyond every candidate, larger r changes nothing (each step is capped)
+        r_max = max(max(cost.lengths or (cost.num_tokens,)) - cost.num_protected, 0)
         lowest = macs(r_max)
         _check_reachable(target_macs, lowest, base)
         value: Any = min(range(r_max + 1), key=lambda r: (abs(macs(r) - target_macs), r))
@@ -154,7 +163,7 @@ def match_flops(cost: ModelCost, target_macs: float, algorithm: str = "tome", by
     return Solution(algorithm=algorithm, ratio=value if kind == "ratio" else None, r=value if kind == "r" else None,
                     macs=macs(value), base_macs=base, target_macs=float(target_macs),
                     token_counts=tuple(cost.token_counts(**({"ratio": value} if kind == "ratio" else {"r": value}),
-                                                         layers=layers)))
+                                                         layers=layers, algorithm=algorithm)))
 
 
 _TINY = 1e-9
@@ -165,7 +174,8 @@ def _check_reachable(target: float, lowest: int, base: int) -> None:
         raise ValueError(f"target of {target:.6g} MACs is above the unmerged model's {base:.6g}")
     if target < lowest * (1 - 1e-12):
         raise ValueError(f"cannot remove {1 - target / base:.1%} of the FLOPs: at most {1 - lowest / base:.1%} with "
-                         f"this model, input size and algorithm (each block merges at most half of its tokens)")
+                         f"this model, input size and algorithm (each block removes at most what the algorithm can merge in one "
+                         f"step: half of the tokens for bipartite matching)")
 
 
 def _bisect_ratio(macs: Any, target: float) -> float:

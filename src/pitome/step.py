@@ -20,7 +20,6 @@ from torch import Tensor
 from .algorithms.base import MergeRequest
 from .config import MergeSettings
 from .plan import MergePlan
-from .schedule import capped
 
 __all__ = ["ForwardState", "MergeInfo", "RootKey", "activate", "current_state", "record_merges",
            "MergeTimer", "merge_timing", "log_size_bias"]
@@ -214,26 +213,18 @@ class ForwardState:
         frozen = self.frozen[:, h:] if self.frozen is not None else None
         with torch.no_grad():
             if valid is None and (frozen is None or self.frozen_count is not None):
-                candidates = mergeable - (self.frozen_count or 0)
-                allowed = int(spec.algorithm.max_removable(candidates))
-                r_int = capped(spec.budget.remove_count(candidates), allowed, layer)
+                frozen_count = self.frozen_count or 0
+                r_int = spec.remove_count(mergeable - frozen_count, frozen_count, warn_layer=layer)
                 if r_int <= 0:
                     return None
                 r = torch.full((batch,), r_int, dtype=torch.long, device=x.device)
                 r_max = r_min = r_int
             else:
-                cand = torch.ones(batch, mergeable, dtype=torch.bool, device=x.device)
-                if valid is not None:
-                    cand &= valid
-                if frozen is not None:
-                    cand &= ~frozen
-                count = cand.sum(dim=1)
-                requested = spec.budget.remove_counts(count)
-                allowed = spec.algorithm.max_removable(count)
-                r = torch.minimum(requested, allowed).clamp_min(0)
+                real = valid if valid is not None else torch.ones(batch, mergeable, dtype=torch.bool, device=x.device)
+                still = (real & frozen) if frozen is not None else torch.zeros_like(real)
+                count = (real & ~still).sum(dim=1)
+                r = spec.remove_counts(count, still.sum(dim=1), warn_layer=layer)
                 r_max = int(r.max())
-                if int(requested.max()) > int(allowed.max()):
-                    capped(int(requested.max()), int(allowed.max()), layer)
                 if r_max <= 0:
                     return None
                 r_min = int(r.min())

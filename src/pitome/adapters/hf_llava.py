@@ -49,12 +49,7 @@ def _feature_layers(model: nn.Module, given: Any = None) -> Any:
 
 def _count_after(settings: MergeSettings, tokens: int, blocks: int) -> int:
     """Tokens left after the first ``blocks`` blocks on an unpadded input (the merge step's own arithmetic)."""
-    h = settings.num_protected
-    for spec in settings.layers[:blocks]:
-        if spec.merges:
-            mergeable = tokens - h
-            tokens -= max(0, min(spec.budget.remove_count(mergeable), int(spec.algorithm.max_removable(mergeable))))
-    return tokens
+    return settings.token_counts(tokens)[blocks]
 
 
 def _resolve(index: int, num_layers: int) -> int:

@@ -13,10 +13,9 @@ import time
 import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
-import torch
 
-from ..flops import EncoderShape, encoder_macs
-from ..schedule import predict_token_counts, resolve_budgets
+from ..flops import EncoderShape
+from ..solver import ModelCost, match_flops
 from .base import Task
 from .distributed import DistContext
 from .engine import MergeSpec, PassResult, run_pass
@@ -67,29 +66,16 @@ def build_specs(
     return specs
 
 
-def _mean_macs(shape: EncoderShape, budgets: list, lengths: Sequence[int], protected: int) -> float:
-    unique, counts = torch.unique(torch.as_tensor(list(lengths)), return_counts=True)
-    total = sum(int(c) * encoder_macs(shape, predict_token_counts(budgets, int(n), protected))
-                for n, c in zip(unique.tolist(), counts.tolist()))
-    return total / len(lengths)
-
-
 def match_r(shape: EncoderShape, num_layers: int, num_protected: int, lengths: Sequence[int], ratio: float,
             layers: Optional[Sequence[int]] = None) -> tuple[int, float, float]:
-    """The fixed r whose mean FLOPs over ``lengths`` (tokens per item) is closest to keep-ratio ``ratio``'s.
-
-    Returns (r, MACs at r, MACs at the ratio). Ties go to the smaller r.
-    """
-    target = _mean_macs(shape, resolve_budgets(num_layers, ratio=ratio, layers=layers), lengths, num_protected)
-    best = (0, math.inf, math.inf)
-    for r in range(0, max(lengths)):
-        macs = _mean_macs(shape, resolve_budgets(num_layers, r=r, layers=layers), lengths, num_protected)
-        gap = abs(macs - target)
-        if gap < best[2]:
-            best = (r, macs, gap)
-        if macs < target:  # FLOPs only fall as r grows
-            break
-    return best[0], best[1], target
+    """The fixed r whose mean FLOPs over ``lengths`` (tokens per item) is closest to keep-ratio ``ratio``'s
+    (``pitome.solver.match_flops``, the one FLOPs matcher). Returns (r, MACs at r, MACs at the ratio); ties go
+    to the smaller r."""
+    cost = ModelCost(shape=shape, num_layers=num_layers, num_tokens=max(lengths), num_protected=num_protected,
+                     lengths=tuple(int(n) for n in lengths))
+    target = cost.macs(ratio=ratio, layers=layers)
+    solution = match_flops(cost, target, "tome", by="r", layers=layers)
+    return int(solution.r), solution.macs, target
 
 
 def _resolve(spec: MergeSpec, task: Task, lengths: Sequence[int]) -> MergeSpec:
