@@ -128,8 +128,8 @@ def test_counts_masks_and_sizes_are_consistent():
         out = model(ids, attention_mask=mask)
     info = pitome.info(model)
     budgets = pitome.resolve_budgets(LAYERS, ratio=0.8)
-    # [CLS] protected and [SEP] frozen: 2 tokens never merge, so predictions use num_protected=2
-    predicted = [pitome.predict_token_counts(budgets, n, num_protected=2) for n in lengths]
+    # [CLS] protected, [SEP] frozen: the budget counts [SEP] (the official rule), the merges spare it
+    predicted = [pitome.predict_token_counts(budgets, n, num_protected=1, frozen=1) for n in lengths]
     assert info.tokens_per_layer[0] == 50
     # padding never merges; slots holding only padding are dropped, so the widest sample sets the width
     assert info.tokens_per_layer == [max(p[i] for p in predicted) for i in range(LAYERS + 1)]
