@@ -96,12 +96,13 @@ class MergePlan:
         return out, self.sum(size)
 
     def _rescale_to_max_norm(self, x: Tensor, out: Tensor) -> Tensor:
-        """Scale each slot with >= 2 members to its largest member norm (fp32 norms)."""
-        norms = x.float().norm(dim=-1)
+        """Scale each slot with >= 2 members to its largest member norm (norms in fp32 or wider)."""
+        wide = torch.promote_types(x.dtype, torch.float32)  # fp32 at least, float64 kept (exact gradients)
+        norms = x.to(wide).norm(dim=-1)
         idx = torch.where(self.assign < 0, self.num_out, self.assign)
         largest = norms.new_zeros(norms.shape[0], self.num_out + 1).scatter_reduce(1, idx, norms, "amax")
         count = self.sum(torch.ones_like(norms))
-        current = out.float().norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+        current = out.to(wide).norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
         factor = torch.where(count > 1, largest[:, : self.num_out] / current, torch.ones_like(current))
         return out * factor.to(out.dtype).unsqueeze(-1)
 

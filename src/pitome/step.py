@@ -228,15 +228,17 @@ class ForwardState:
                 if r_max <= 0:
                     return None
                 r_min = int(r.min())
-            size = self.size[:, h:] if self.size is not None else None
-            attention = self.attention
-            self.attention = None
-            request = MergeRequest(
-                metric=metric.detach(), r=r, r_max=r_max, r_min=r_min, num_protected=h, valid=valid,
-                frozen=frozen, size=size, attention=attention, layer=layer,
-                num_layers=self.settings.num_layers, generator=self.generator,
-            )
-            return spec.algorithm.plan(request)
+        size = self.size[:, h:] if self.size is not None else None
+        attention = self.attention
+        self.attention = None
+        request = MergeRequest(
+            metric=metric.detach(), r=r, r_max=r_max, r_min=r_min, num_protected=h, valid=valid,
+            frozen=frozen, size=size, attention=attention, layer=layer,
+            num_layers=self.settings.num_layers, generator=self.generator,
+        )
+        # outside no_grad: the metric is detached (the choice of tokens has no gradient), but merge weights taken
+        # from attention (evit, mctf) keep theirs, as in those methods' training
+        return spec.algorithm.plan(request)
 
     @_timed
     def apply(self, layer: int, plan: MergePlan, x: Tensor) -> Tensor:

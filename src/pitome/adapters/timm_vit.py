@@ -65,8 +65,9 @@ def _capture_attention(module: nn.Module, args: tuple, output: Tensor) -> None:
     if mode is None:
         return
     q = query[:, :, :1] if mode == "cls" else query
-    logits = (q.float() @ output.float().transpose(-2, -1)) * output.shape[-1] ** -0.5
-    bias = state.size_bias(torch.float32)
+    wide = torch.promote_types(output.dtype, torch.float32)  # fp32 at least; float64 kept (exact gradients)
+    logits = (q.to(wide) @ output.to(wide).transpose(-2, -1)) * output.shape[-1] ** -0.5
+    bias = state.size_bias(wide)
     if bias is not None:
         logits = logits + bias
     state.attention = logits.softmax(dim=-1).mean(dim=(1, 2))

@@ -14,7 +14,7 @@ __all__ = ["mergeable_attention", "AttentionRanking", "attention_ranking"]
 
 
 def mergeable_attention(request: MergeRequest, name: str) -> Tensor:
-    """(B, T) float32 attention of the mergeable tokens; a clear error when the adapter did not supply it."""
+    """(B, T) attention of the mergeable tokens (float32, or float64 for float64 inputs); a clear error when the adapter did not supply it."""
     att = request.attention
     batch, tokens, _ = request.metric.shape
     if att is None:
@@ -26,7 +26,8 @@ def mergeable_attention(request: MergeRequest, name: str) -> Tensor:
         )
     if tuple(att.shape) != (batch, tokens):
         raise ValueError(f"request.attention must have shape (B, N) = {(batch, tokens)}, got {tuple(att.shape)}")
-    return att[:, request.num_protected :].float()
+    att = att[:, request.num_protected :]
+    return att if att.dtype == torch.float64 else att.float()  # fp32 at least; float64 stays (exact gradients)
 
 
 class AttentionRanking(NamedTuple):
