@@ -346,3 +346,45 @@ def test_per_block_algorithms_and_options(make_vit, images):
     with torch.no_grad():
         model(images(1))
     assert pitome.info(model).tokens_per_layer == [65, 53, 53, 43, 35]
+
+
+# -- clear errors at patch time; one re-patch path -----------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [2**70, -(2**63) - 1, 1.5, True])
+def test_a_seed_outside_the_generator_range_is_refused_at_patch_time(seed, make_vit):
+    with pytest.raises(ValueError, match=r"seed must be None or an integer in \[-2\*\*63, 2\*\*64 - 1\]"):
+        pitome.patch(make_vit(), algorithm="random", seed=seed)
+
+
+def test_a_misspelt_patch_keyword_lists_patch_parameters_with_a_suggestion(make_vit):
+    with pytest.raises(ValueError, match=r"did you mean 'ratio' for 'ratios'.*patch\(\) parameters: algorithm, ratio"):
+        pitome.patch(make_vit(), ratios=0.9)
+
+
+def test_unpatch_of_something_that_is_not_a_model_is_a_clear_error():
+    with pytest.raises(TypeError, match="unpatch expects the torch.nn.Module"):
+        pitome.unpatch(None)
+
+
+def test_every_repatch_keeps_the_preset(make_vit, images):
+    """``patched`` restores and ``ModelCost.from_model`` re-patches through ``api.apply``: nothing is dropped."""
+    from pitome.solver import ModelCost
+
+    model = make_vit()
+    pitome.patch(model, preset="deit", ratio=0.8)
+    before = pitome.settings(model).config
+    ModelCost.from_model(model, images(1))
+    assert pitome.settings(model).config == before and before.preset == "deit"
+    with pitome.patched(model, algorithm="tome", r=2):
+        assert pitome.settings(model).config.algorithm == "tome"
+    assert pitome.settings(model).config == before
+
+
+def test_the_public_surface():
+    for name in ("UnsupportedModelError", "MergeInfo", "MergeSettings", "record_merges", "merge_timing",
+                 "register_adapter"):
+        assert name in pitome.__all__ and hasattr(pitome, name)
+    import typing
+
+    hints = typing.get_type_hints(pitome.patch)
+    assert "Any" not in str(hints["ratio"]) and "Any" not in str(hints["r"])

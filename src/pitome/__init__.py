@@ -20,13 +20,16 @@ _EXPORTS = {
     "MergePlan": "plan", "build_plan": "plan",
     "pool_mean": "pooling",
     "predict_token_counts": "schedule", "resolve_budgets": "schedule",
+    "UnsupportedModelError": "adapters", "register_adapter": "adapters", "MergeSettings": "config",
+    "MergeInfo": "step", "record_merges": "step", "merge_timing": "step",
 }
 
 __all__ = [
     "patch", "unpatch", "patched", "is_patched", "info", "settings",
     "MergeConfig", "MergePlan", "build_plan", "ALGORITHMS", "available_algorithms", "available_presets",
     "create_algorithm", "register", "predict_token_counts", "resolve_budgets", "__version__",
-    "pool_mean",
+    "pool_mean", "UnsupportedModelError", "register_adapter", "MergeInfo", "MergeSettings", "record_merges",
+    "merge_timing",
 ]
 
 

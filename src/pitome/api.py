@@ -43,7 +43,6 @@ def patch(
     Patching a patched model reconfigures it (it is unpatched first, never wrapped twice); invalid
     arguments raise before anything changes, so the previous patch stays in place.
     """
-    _check_model(model)
     adapter = find_adapter(model)
     config = build_config(
         adapter.num_layers(model), algorithm, ratio, r, preset=preset, layers=layers, prop_attn=prop_attn,
@@ -67,7 +66,7 @@ def apply(model: nn.Module, config: MergeConfig) -> nn.Module:
 
 def _check_model(model: object) -> None:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__} ({model!r:.60})")
+        raise TypeError(f"unpatch expects the torch.nn.Module that pitome.patch returned, got {model!r:.60}")
 
 
 def is_patched(model: nn.Module) -> bool:

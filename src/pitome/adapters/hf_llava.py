@@ -218,11 +218,11 @@ class _LlavaModelRoot(RootMixin):
 
     def _pitome_forward(self, *args: Any, **kwargs: Any) -> Any:
         call = _bind(self, args, kwargs)
-        call = _encode_and_shorten(self, self, call)
+        call = _encode_and_shorten(self, call)
         return super().forward(**call)
 
 
-def _encode_and_shorten(llava: nn.Module, owner: nn.Module, call: dict) -> dict:
+def _encode_and_shorten(llava: nn.Module, call: dict) -> dict:
     """Run the vision tower first when pixel values are given, then shorten the prompt to the merged count."""
     pixel_values = call.get("pixel_values")
     if pixel_values is None:
@@ -254,7 +254,7 @@ class _LlavaGenerationRoot(RootMixin):
         return self._pitome_run(self._pitome_forward, *args, **kwargs)
 
     def _pitome_forward(self, *args: Any, **kwargs: Any) -> Any:
-        call = _encode_and_shorten(self.model, self, _bind(self, args, kwargs))
+        call = _encode_and_shorten(self.model, _bind(self, args, kwargs))
         return super().forward(**call)
 
     def generate(self, inputs: Optional[Tensor] = None, generation_config: Any = None, **kwargs: Any) -> Any:

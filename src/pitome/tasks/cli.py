@@ -264,11 +264,11 @@ def _build(options: dict, ctx: Any, say: Any) -> tuple[list, Any, str]:
     if task == "retrieval":
         from .retrieval import build_retrieval_task
 
-        task_obj = build_retrieval_task(options, ctx, batch, not options["no_progress"])
+        task_obj = build_retrieval_task(options, ctx, batch)
         return [task_obj], specs, task_obj.name
     if task == "probe":
         from .probe import build_image_probe_task
 
-        task_obj = build_image_probe_task(options, ctx, batch, model_kwargs, not options["no_progress"], say)
+        task_obj = build_image_probe_task(options, ctx, batch, model_kwargs, not options["no_progress"])
         return [task_obj], specs, task_obj.name
     raise ValueError(f"unknown task {task!r}")

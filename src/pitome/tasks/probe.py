@@ -162,8 +162,8 @@ def _image_encoder(spec: str, device: Any, pretrained: bool, model_kwargs: dict)
     raise ValueError(f"probe model must be 'timm:<name>' or 'hf:<id>', got {spec!r}")
 
 
-def build_image_probe_task(options: dict, ctx: Any, batch_size: int, model_kwargs: dict, progress: bool,
-                           log: Any) -> ProbeTask:
+def build_image_probe_task(options: dict, ctx: Any, batch_size: int, model_kwargs: dict,
+                           progress: bool) -> ProbeTask:
     """The CLI's probe task: features of --train-data (unmerged) fit the probe; --data is evaluated."""
     from .base import dataloader_factory, fixed_batches
     from .image_classification import load_image_dataset

@@ -250,7 +250,7 @@ def train_projections(
     return img.eval(), txt.eval()
 
 
-def build_retrieval_task(options: dict, ctx: Any, batch_size: int, progress: bool) -> RetrievalTask:
+def build_retrieval_task(options: dict, ctx: Any, batch_size: int) -> RetrievalTask:
     """The CLI's retrieval task: a dual encoder, a caption file and its images (captions embedded once)."""
     from .base import dataloader_factory, fixed_batches
 

@@ -126,7 +126,6 @@ def run_sweep(
     ctx: Optional[DistContext] = None,
     progress: bool = False,
     log: Optional[Callable[[str], None]] = None,
-    workers_note: str = "",
 ) -> list[dict[str, Any]]:
     """Every spec on every task; tasks with the same ``pass_key`` share passes. Returns one row per pair.
 
