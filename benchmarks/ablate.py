@@ -333,8 +333,7 @@ def _spec(task: TaskDef, bench: Bench, split: str, kwargs: dict, ratio: float) -
 
 def _ratio_for_layers(task: TaskDef, bench: Bench, split: str, algorithm: str, kwargs: dict, ratio: float) -> float:
     """Keep-ratio for the blocks in kwargs['layers'] with the mean FLOPs of ``ratio`` in the task's blocks."""
-    from pitome.schedule import resolve_budgets
-    from pitome.tasks.sweep import _mean_macs
+    from pitome.solver import ModelCost
 
     target_model = bench.model.target
     with pitome.patched(target_model, algorithm, r=0, **{k: v for k, v in kwargs.items() if k != "layers"}):
@@ -342,8 +341,11 @@ def _ratio_for_layers(task: TaskDef, bench: Bench, split: str, algorithm: str, k
     n, protected, shape = settings.num_layers, settings.num_protected, bench.model.encoder_shape()
     lengths = bench.lengths[split]
 
+    cost = ModelCost(shape=shape, num_layers=n, num_tokens=max(lengths), num_protected=protected,
+                     lengths=tuple(int(length) for length in lengths))
+
     def macs(value: float, layers: Any) -> float:
-        return _mean_macs(shape, resolve_budgets(n, ratio=value, layers=layers), lengths, protected)
+        return cost.macs(ratio=value, layers=layers)
 
     target = macs(ratio, list(task.layers) if task.layers is not None else None)
     lo, hi = 1e-3, 1.0
