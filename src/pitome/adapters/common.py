@@ -16,12 +16,12 @@ from torch import Tensor, nn
 
 from ..config import MergeSettings
 from ..step import AdapterState, ForwardState, RootKey, activate
-from .base import clear_tags, get_tag, set_tags, swap_class
+from .base import clear_tags, get_tag, root_state, set_tags, swap_class
 
-__all__ = ["class_names", "original_class", "original_name", "tag", "swap", "bind_root", "model_device", "store_info", "relay_info",
-           "RootMixin", "check_no_checkpointing", "as_additive", "split_heads_mean", "first_token_attention",
-           "received_attention", "attention_mode", "intermediates_mode", "taken_blocks", "intermediates_unmerged", "IntermediatesState",
-           "intermediates_state", "bind_call"]
+__all__ = ["class_names", "original_class", "original_name", "tag", "swap", "bind_root", "model_device",
+           "store_info", "relay_info", "RootMixin", "PatchedBlock", "check_no_checkpointing", "as_additive",
+           "split_heads_mean", "first_token_attention", "received_attention", "attention_mode", "intermediates_mode",
+           "taken_blocks", "intermediates_unmerged", "IntermediatesState", "intermediates_state", "bind_call"]
 
 
 # --- names, tags, swapping ----------------------------------------------------------------------------------
@@ -60,6 +60,25 @@ def model_device(model: nn.Module) -> Optional[torch.device]:
     for param in model.parameters():
         return param.device
     return None
+
+
+# --- blocks ------------------------------------------------------------------------------------------------------
+
+class PatchedBlock:
+    """Mixin for a block (B, N, C first argument): the library's own forward outside a merge state; inside one,
+    ``_pitome_block`` (the block with its merge step) between the state's begin_block and end_block."""
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        state = root_state(self)
+        if state is None:
+            return super().forward(x, *args, **kwargs)
+        layer = get_tag(self, "layer")
+        state.begin_block(layer, x)
+        return state.end_block(layer, self._pitome_block(state, layer, x, *args, **kwargs))
+
+    def _pitome_block(self, state: ForwardState, layer: int, x: Tensor, *args: Any,
+                      **kwargs: Any) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
 
 
 # --- roots: the per-forward owner --------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from ..config import MergeSettings
 from ..step import AdapterState, ForwardState, RootKey, log_size_bias
-from .base import Adapter, UnsupportedModelError, get_tag, pitome_hook, root_state
-from .common import RootMixin, bind_root, class_names, original_name, swap, tag
+from .base import Adapter, UnsupportedModelError, pitome_hook, root_state
+from .common import PatchedBlock, RootMixin, bind_root, class_names, original_name, swap, tag
 from .hf_common import (SUPPORTED_TRANSFORMERS, ClsRoot, EncoderRoot, HFRoot, MeanPoolRoot, check_attention_backend,
                         check_layer, layer_mask, patch_layers, prepare_metric, register_output_capture,
                         require_transformers)
@@ -40,26 +40,21 @@ _LAYER_PARTS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
 
 # --- layers -------------------------------------------------------------------------------------------------
 
-class _ClipLayer:
+class _ClipLayer(PatchedBlock):
     """Mixin for ``CLIPEncoderLayer`` / ``SiglipEncoderLayer`` in a vision tower."""
 
     def _pitome_mask(self, state: ForwardState, attention_mask: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
         return layer_mask(state, attention_mask, x)
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
-        state = root_state(self)
-        if state is None:
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        layer = get_tag(self, "layer")
-        state.begin_block(layer, hidden_states)
+    def _pitome_block(self, state: ForwardState, layer: int, hidden_states: Tensor,
+                      attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
         normed = self.layer_norm1(hidden_states)
         mask = self._pitome_mask(state, attention_mask, normed)
         attn, _ = self.self_attn(hidden_states=normed, attention_mask=mask, **kwargs)
         prepare_metric(state, layer, self.self_attn, normed, mask)
         hidden_states = hidden_states + attn
         hidden_states = state.merge(layer, hidden_states, hidden_metric=hidden_states)
-        out = hidden_states + self.mlp(self.layer_norm2(hidden_states))
-        return state.end_block(layer, out)
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
 def causal_merged_mask(state: ForwardState, x: Tensor, real: Optional[Tensor]) -> Tensor:

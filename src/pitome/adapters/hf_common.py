@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..config import MergeSettings
 from ..step import AdapterState, ForwardState, RootKey
 from .base import UnsupportedModelError, get_tag, is_swapped, pitome_hook, root_state
-from .common import (RootMixin, as_additive, attention_mode, first_token_attention, received_attention,
+from .common import (RootMixin, attention_mode, first_token_attention, received_attention,
                      split_heads_mean, swap, tag)
 
 __all__ = ["SUPPORTED_TRANSFORMERS", "require_transformers", "check_attention_backend", "additive_mask",

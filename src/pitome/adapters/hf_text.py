@@ -25,9 +25,9 @@ from torch import Tensor, nn
 
 from ..config import MergeSettings
 from ..step import AdapterState, ForwardState, RootKey
-from .base import Adapter, UnsupportedModelError, get_tag, root_state, set_tags
-from .common import (RootMixin, class_names, first_token_attention, original_class, relay_info, split_heads_mean,
-                     swap, tag)
+from .base import Adapter, UnsupportedModelError, get_tag, set_tags
+from .common import (PatchedBlock, RootMixin, class_names, first_token_attention, original_class, relay_info,
+                     split_heads_mean, swap, tag)
 from .hf_common import (SUPPORTED_TRANSFORMERS, additive_mask, capture_key_projection, check_attention_backend,
                         register_output_capture, replace_first, require_transformers)
 
@@ -124,40 +124,31 @@ def _feed_forward(fn: Callable[[Tensor], Tensor], chunk_size: int, x: Tensor) ->
     return fn(x)
 
 
-class _PatchedBertLayer:
+class _PatchedBertLayer(PatchedBlock):
     """Mixin for BertLayer / RobertaLayer / ...: attention sub-layer, merge, feed-forward sub-layer."""
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, *args: Any,
-                **kwargs: Any) -> Tensor:
-        state = root_state(self)
-        if state is None:
-            return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        layer = get_tag(self, "layer")
-        state.begin_block(layer, hidden_states)
+    def _pitome_block(self, state: ForwardState, layer: int, hidden_states: Tensor,
+                      attention_mask: Optional[Tensor] = None, *args: Any, **kwargs: Any) -> Tensor:
         mask = _layer_mask(state, attention_mask, hidden_states)
         kwargs.pop("encoder_attention_mask", None)
         attention_output, _ = self.attention(hidden_states, mask, cache=kwargs.pop("cache", None), **kwargs)
         _prepare_metric(self, state, layer, hidden_states, mask)
         x = state.compact_padding(state.merge(layer, attention_output, hidden_metric=attention_output))
-        return state.end_block(layer, _feed_forward(self.feed_forward_chunk, self.chunk_size_feed_forward, x))
+        return _feed_forward(self.feed_forward_chunk, self.chunk_size_feed_forward, x)
 
 
-class _PatchedDistilBertBlock:
+class _PatchedDistilBertBlock(PatchedBlock):
     """Mixin for DistilBERT's TransformerBlock: attention + residual + sa_layer_norm, merge, FFN + output norm."""
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
-        state = root_state(self)
-        if state is None:
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        layer = get_tag(self, "layer")
-        state.begin_block(layer, hidden_states)
+    def _pitome_block(self, state: ForwardState, layer: int, hidden_states: Tensor,
+                      attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
         mask = _layer_mask(state, attention_mask, hidden_states)
         attention_output, _ = self.attention(hidden_states, attention_mask=mask, **kwargs)
         x = self.sa_layer_norm(attention_output + hidden_states)
         _prepare_metric(self, state, layer, hidden_states, mask)
         x = state.compact_padding(state.merge(layer, x, hidden_metric=x))
         ffn_output = _feed_forward(self.ffn.ff_chunk, self.ffn.chunk_size_feed_forward, x)
-        return state.end_block(layer, self.output_layer_norm(ffn_output + x))
+        return self.output_layer_norm(ffn_output + x)
 
 
 # --- per forward ----------------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from typing import Any, Callable, Optional, Sequence
 from torch import Tensor, nn
 
 from ..config import MergeSettings
-from ..step import RootKey
-from .base import Adapter, UnsupportedModelError, get_tag, root_state
-from .common import bind_root, class_names, original_name
+from ..step import ForwardState, RootKey
+from .base import Adapter, UnsupportedModelError
+from .common import PatchedBlock, bind_root, class_names, original_name
 from .hf_common import (SUPPORTED_TRANSFORMERS, ClsRoot, EncoderRoot, MeanPoolRoot, check_attention_backend,
                         check_layer, layer_mask, patch_layers, prepare_metric, register_output_capture,
                         require_transformers)
@@ -29,42 +29,32 @@ __all__ = ["HFViTAdapter", "VISION_MODELS"]
 
 # --- ViT / DeiT / DINOv2 layers ------------------------------------------------------------------------------
 
-class _ViTLayer:
+class _ViTLayer(PatchedBlock):
     """Mixin for ``ViTLayer`` / ``DeiTLayer`` (pre-norm; ``layernorm_before``, ``attention``, ``layernorm_after``)."""
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
-        state = root_state(self)
-        if state is None:
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        layer = get_tag(self, "layer")
-        state.begin_block(layer, hidden_states)
+    def _pitome_block(self, state: ForwardState, layer: int, hidden_states: Tensor,
+                      attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
         normed = self.layernorm_before(hidden_states)
         mask = layer_mask(state, attention_mask, normed)
         attn, _ = self.attention(normed, mask, **kwargs)
         prepare_metric(state, layer, self.attention, normed, mask)
         hidden_states = self.dropout(attn) + hidden_states
         hidden_states = state.merge(layer, hidden_states, hidden_metric=hidden_states)
-        out = self.dropout(self.mlp(self.layernorm_after(hidden_states))) + hidden_states
-        return state.end_block(layer, out)
+        return self.dropout(self.mlp(self.layernorm_after(hidden_states))) + hidden_states
 
 
-class _Dinov2Layer:
+class _Dinov2Layer(PatchedBlock):
     """Mixin for ``Dinov2Layer`` / ``Dinov2WithRegistersLayer`` (LayerScale and drop-path kept)."""
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
-        state = root_state(self)
-        if state is None:
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        layer = get_tag(self, "layer")
-        state.begin_block(layer, hidden_states)
+    def _pitome_block(self, state: ForwardState, layer: int, hidden_states: Tensor,
+                      attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
         normed = self.norm1(hidden_states)
         mask = layer_mask(state, attention_mask, normed)
         attn, _ = self.attention(normed, attention_mask=mask, **kwargs)
         prepare_metric(state, layer, self.attention, normed, mask)
         hidden_states = self.drop_path(self.layer_scale1(attn)) + hidden_states
         hidden_states = state.merge(layer, hidden_states, hidden_metric=hidden_states)
-        out = self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states)))) + hidden_states
-        return state.end_block(layer, out)
+        return self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states)))) + hidden_states
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..config import MergeSettings
 from ..step import ForwardState, RootKey, log_size_bias
 from .base import Adapter, UnsupportedModelError, get_tag, pitome_hook, root_state
-from .common import (IntermediatesState, RootMixin, attention_mode, bind_call, bind_root, class_names,
+from .common import (IntermediatesState, PatchedBlock, RootMixin, attention_mode, bind_call, bind_root, class_names,
                      intermediates_mode, intermediates_unmerged, swap, tag, taken_blocks)
 
 __all__ = ["TimmViTAdapter"]
@@ -76,20 +76,14 @@ def _capture_attention(module: nn.Module, args: tuple, output: Tensor) -> None:
     state.attention = logits.softmax(dim=-1).mean(dim=(1, 2))
 
 
-class _PatchedBlock:
+class _PatchedBlock(PatchedBlock):
     """Mixin for timm ``Block``: the merge sits between the attention and the MLP residuals."""
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        state = root_state(self)
-        if state is None:
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        layer = get_tag(self, "layer")
-        state.begin_block(layer, x)
+    def _pitome_block(self, state: ForwardState, layer: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         bias = state.size_bias(x.dtype)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias)))
         x = state.merge(layer, x, hidden_metric=x)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return state.end_block(layer, x)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class _PatchedViT(RootMixin):
