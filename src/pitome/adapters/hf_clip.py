@@ -25,9 +25,9 @@ from torch import Tensor, nn
 
 from ..config import MergeSettings
 from ..step import AdapterState, ForwardState, RootKey, log_size_bias
-from .base import Adapter, UnsupportedModelError, pitome_hook, root_state
+from .base import UnsupportedModelError, pitome_hook, root_state
 from .common import PatchedBlock, RootMixin, bind_root, class_names, original_name, swap, tag
-from .hf_common import (SUPPORTED_TRANSFORMERS, ClsRoot, EncoderRoot, HFRoot, MeanPoolRoot, check_attention_backend,
+from .hf_common import (SUPPORTED_TRANSFORMERS, ClsRoot, EncoderRoot, HFAdapter, HFRoot, MeanPoolRoot, check_attention_backend,
                         check_layer, layer_mask, patch_layers, prepare_metric, register_output_capture,
                         require_transformers)
 
@@ -224,16 +224,13 @@ _VISION_ROOTS: dict[str, tuple[Optional[str], type]] = {
 }
 
 
-class HFClipAdapter(Adapter):
+class HFClipAdapter(HFAdapter):
     name = "hf_clip"
+    roots = tuple(_VISION_ROOTS)
     family = "vision"
     supports = (f"Hugging Face CLIP / SigLIP vision (transformers {SUPPORTED_TRANSFORMERS}, attn 'sdpa' or 'eager'): "
                 f"{', '.join(_VISION_ROOTS)} (CLIPModel / SiglipModel: the vision tower; patch "
                 f"model.text_model separately to merge CLIP text tokens)")
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return original_name(model) in _VISION_ROOTS and "PreTrainedModel" in class_names(model)
 
     def _tower(self, model: nn.Module) -> nn.Module:
         attr = _VISION_ROOTS[original_name(model)][0]
@@ -263,15 +260,12 @@ class HFClipAdapter(Adapter):
 _TEXT_ROOTS = {"CLIPTextModel": None, "CLIPTextModelWithProjection": "text_model"}
 
 
-class HFClipTextAdapter(Adapter):
+class HFClipTextAdapter(HFAdapter):
     name = "hf_clip_text"
+    roots = tuple(_TEXT_ROOTS)
     family = "text"
     supports = (f"Hugging Face CLIP text tower (transformers {SUPPORTED_TRANSFORMERS}, attn 'sdpa' or 'eager'): "
                 f"CLIPTextModel, CLIPTextModelWithProjection (e.g. pitome.patch(clip_model.text_model, ...))")
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return original_name(model) in _TEXT_ROOTS and "PreTrainedModel" in class_names(model)
 
     def _tower(self, model: nn.Module) -> nn.Module:
         attr = _TEXT_ROOTS[original_name(model)]

@@ -18,13 +18,13 @@ from torch import Tensor, nn
 
 from ..config import MergeSettings
 from ..step import AdapterState, ForwardState, RootKey
-from .base import UnsupportedModelError, get_tag, is_swapped, pitome_hook, root_state
-from .common import (RootMixin, attention_mode, first_token_attention, received_attention,
+from .base import Adapter, UnsupportedModelError, get_tag, is_swapped, pitome_hook, root_state
+from .common import (RootMixin, attention_mode, class_names, original_name, first_token_attention, received_attention,
                      split_heads_mean, swap, tag)
 
 __all__ = ["SUPPORTED_TRANSFORMERS", "require_transformers", "check_attention_backend", "additive_mask",
            "register_output_capture", "layer_mask", "prepare_metric", "hook_keys", "patch_layers", "check_layer",
-           "HFRoot", "EncoderRoot", "MeanPoolRoot", "ClsRoot", "replace_first"]
+           "HFRoot", "EncoderRoot", "MeanPoolRoot", "ClsRoot", "replace_first", "HFAdapter"]
 
 SUPPORTED_TRANSFORMERS = ">=5.0,<6"
 _MIN, _MAX = (5, 0), (6, 0)
@@ -257,3 +257,13 @@ class MeanPoolRoot(HFRoot):
 
 class ClsRoot(HFRoot):
     """A head model that reads protected tokens only (class / distillation token)."""
+
+
+class HFAdapter(Adapter):
+    """An adapter for transformers models found by the class names in ``roots`` (as transformers built them)."""
+
+    roots: ClassVar[Sequence[str]] = ()
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return original_name(model) in cls.roots and "PreTrainedModel" in class_names(model)

@@ -24,10 +24,10 @@ from torch import Tensor, nn
 
 from ..config import MergeSettings
 from ..step import RootKey
-from .base import Adapter, UnsupportedModelError, get_tag, root_state
+from .base import UnsupportedModelError, get_tag, root_state
 from .common import bind_root, class_names, original_class, original_name
 from .hf_clip import VISION_TOWERS, patch_vision_tower
-from .hf_common import SUPPORTED_TRANSFORMERS, HFRoot, register_output_capture
+from .hf_common import SUPPORTED_TRANSFORMERS, HFAdapter, HFRoot, register_output_capture
 
 __all__ = ["HFLlavaAdapter", "image_token_count", "LLAVA_MODELS"]
 
@@ -292,15 +292,12 @@ def _restore_prompt(out: Any, prompt: Tensor, short_length: int) -> Any:
     return out
 
 
-class HFLlavaAdapter(Adapter):
+class HFLlavaAdapter(HFAdapter):
     name = "hf_llava"
+    roots = LLAVA_MODELS
     family = "vision"
     supports = (f"Hugging Face LLaVA (transformers {SUPPORTED_TRANSFORMERS}): LlavaForConditionalGeneration / "
                 f"LlavaModel with a {' or '.join(VISION_TOWERS)} vision tower (attn 'sdpa' or 'eager')")
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return original_name(model) in LLAVA_MODELS and "PreTrainedModel" in class_names(model)
 
     def _tower(self, model: nn.Module) -> nn.Module:
         tower = _llava_model(model).vision_tower
