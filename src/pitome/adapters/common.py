@@ -32,8 +32,10 @@ def class_names(obj: Any) -> set[str]:
 
 
 def original_class(module: nn.Module) -> type:
-    """The class of a module as its library built it (also when pitome has swapped its class)."""
-    return type(module).__dict__.get("_pitome_original_class", type(module))
+    """The class of a module as its library built it (also when pitome has swapped its class). An attribute
+    lookup, not the class __dict__ (a mapping proxy makes torch.compile break the graph); only swapped classes,
+    which nothing subclasses, define it."""
+    return getattr(type(module), "_pitome_original_class", type(module))
 
 
 def original_name(module: nn.Module) -> str:
