@@ -446,8 +446,7 @@ def test_bad_masks_are_rejected():
         model(ids, attention_mask=mask[:, None, None, :])
 
 
-def test_drop_padding_slots_keeps_real_tokens_in_order():
-    from pitome.adapters.hf_common import drop_padding_slots
+def test_compact_padding_keeps_real_tokens_in_order():
     from pitome.config import build_config, resolve
     from pitome.step import ForwardState
 
@@ -458,7 +457,7 @@ def test_drop_padding_slots_keeps_real_tokens_in_order():
     state.size = torch.tensor([[1.0, 1.0, 2.0, 1.0, 1.0], [1.0, 3.0, 1.0, 0.0, 1.0]])
     state.source = torch.tensor([[0, 1, 2, 2, 3, 4], [0, 1, 1, 1, 2, 4]])
     x = torch.arange(10.0).view(2, 5, 1)
-    out = drop_padding_slots(state, x)
+    out = state.compact_padding(x)
     assert out[..., 0].tolist() == [[0.0, 2.0, 3.0], [5.0, 6.0, 7.0]]
     assert state.valid.tolist() == [[True, True, True], [True, True, False]]
     assert state.frozen.tolist() == [[False, False, True], [False, True, False]]

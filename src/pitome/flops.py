@@ -93,11 +93,15 @@ def _is_block_list(obj: Any) -> bool:
 
 
 def find_blocks(model: nn.Module) -> nn.Module:
-    """The list of Transformer blocks: the one pitome patched if any, else a known path, else the largest list."""
+    """The list of Transformer blocks: the adapter's answer for a model pitome supports, else a known path, else
+    the largest list of identical modules."""
+    from .adapters import UnsupportedModelError, find_adapter
+
+    try:
+        return find_adapter(model).blocks(model)
+    except (UnsupportedModelError, NotImplementedError):
+        pass
     lists = [m for m in model.modules() if _is_block_list(m)]
-    marked = [blocks for blocks in lists if "_pitome_layer" in blocks[0].__dict__]
-    if marked:
-        return marked[0]
     for path in _BLOCK_PATHS:
         obj = _get_path(model, path)
         if _is_block_list(obj):

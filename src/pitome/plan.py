@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["MergePlan", "build_plan", "identity_plan", "stable_argsort"]
+__all__ = ["MergePlan", "build_plan", "compaction_plan", "identity_plan", "stable_argsort"]
 
 
 @dataclass(frozen=True)
@@ -178,3 +178,23 @@ def build_plan(
     if weight is not None and weight.shape[1] == tokens:
         weight = torch.cat([weight.new_ones(batch, num_protected), weight], dim=1)
     return MergePlan(assign=assign, num_out=num_out, weight=weight)
+
+
+def compaction_plan(valid: Tensor) -> Optional[MergePlan]:
+    """Keep the first ``max(valid.sum(1))`` slots of each sample, real tokens first (stable): the plan that drops
+    slots holding only padding after a merge (None when there is nothing to drop).
+
+    valid: (B, N) bool. Every kept slot has one member, so applying the plan only moves tokens.
+    """
+    counts = valid.sum(dim=1)
+    keep = int(counts.max())
+    batch, tokens = valid.shape
+    if keep >= tokens:
+        return None
+    position = torch.arange(tokens, device=valid.device).expand(batch, tokens)
+    if bool((valid[:, :keep].sum(dim=1) == counts).all()):
+        rank = position  # real tokens already lead every row
+    else:
+        order = stable_argsort((~valid).to(torch.int8), dim=1)
+        rank = torch.empty_like(order).scatter_(1, order, position)
+    return MergePlan(assign=torch.where(rank < keep, rank, -1), num_out=keep)

@@ -19,9 +19,9 @@ from torch import Tensor
 
 from .algorithms.base import MergeRequest
 from .config import MergeSettings
-from .plan import MergePlan
+from .plan import MergePlan, compaction_plan
 
-__all__ = ["ForwardState", "MergeInfo", "RootKey", "activate", "current_state", "record_merges",
+__all__ = ["AdapterState", "ForwardState", "MergeInfo", "RootKey", "activate", "current_state", "record_merges",
            "MergeTimer", "merge_timing", "log_size_bias"]
 
 
@@ -135,6 +135,16 @@ def source_to_matrix(source: Tensor, num_out: int) -> Tensor:
 
 
 @dataclass
+class AdapterState:
+    """Base of an adapter's own per-forward fields (``ForwardState.adapter``); adapters subclass it.
+
+    needs_source: keep a source map even without trace_source (the adapter unmerges its output).
+    """
+
+    needs_source: bool = False
+
+
+@dataclass
 class ForwardState:
     """Sizes, masks and sources of the tokens of one forward, updated by each merge step."""
 
@@ -145,30 +155,32 @@ class ForwardState:
     source: Optional[Tensor] = None
     metric: Optional[Tensor] = None
     attention: Optional[Tensor] = None
-    query: Optional[Tensor] = None  # queries held between an adapter's q and k hooks (attention baselines)
     tokens_per_layer: list[int] = field(default_factory=list)
     source_history: list[tuple[int, Tensor]] = field(default_factory=list)
     generator: Optional[torch.Generator] = None
     merged: bool = False
     final_tokens: Optional[int] = None
-    # while exporting: whether the caller passed its own attention mask (else a mask the model library built for
-    # tracing is all-attend and adapters may replace it by the size bias after a merge)
-    caller_mask: Optional[bool] = None
     # frozen tokens per sample when every sample has the same number and it is known without reading the data
     # (a text input without padding mask: its last token); keeps budgets Python ints (compile, export)
     frozen_count: Optional[int] = None
-    # adapter needs of this forward (set by the root that starts it; on the state, not in context variables,
-    # so torch.compile can trace them): keep a source map even without trace_source; unmerge the encoder
-    # output back to full length (mean-pooling heads); (B, N0) real (non-padding) input tokens of a causal text input
-    needs_source: bool = False
-    unmerge_output: bool = False
-    input_real: Optional[Tensor] = None
+    # the adapter's own per-forward fields (one typed slot; a dataclass, so torch.compile traces it)
+    adapter: Optional[AdapterState] = None
 
     # -- per block ----------------------------------------------------------------------------------
-    def enter_block(self, layer: int, x: Tensor) -> None:
-        if self.settings.config.trace_source and self.source is None:
+    # Every patched block calls begin_block on entry and end_block on exit. Everything a block changes lives in
+    # this dataclass (no context variables, no module attributes), so a block's entry state can be snapshotted
+    # and restored (e.g. for activation checkpointing) with dataclasses.replace.
+    def begin_block(self, layer: int, x: Tensor) -> None:
+        """Start the source map at the first block when asked for (trace_source, or an adapter that unmerges)."""
+        if self.source is None and (self.settings.config.trace_source
+                                    or (self.adapter is not None and self.adapter.needs_source)):
             self.source = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         self.tokens_per_layer.append(x.shape[1])
+
+    def end_block(self, layer: int, x: Tensor) -> Tensor:
+        """Record the block's output token count (the last one is ``info().tokens_per_layer[-1]``)."""
+        self.final_tokens = x.shape[1]
+        return x
 
     def layer_merges(self, layer: int) -> bool:
         return self.settings.layers[layer].merges
@@ -253,6 +265,57 @@ class ForwardState:
             self.source_history.append((layer, self.source))
         self.merged = True
         return x
+
+    def compact_padding(self, x: Tensor) -> Tensor:
+        """Shrink a padded batch to its widest sample after a merge: slots holding only padding (or nothing) go.
+
+        Padding never merges, so without this a short sequence keeps all its pad tokens and sets the batch width.
+        Applied as a plan (``compaction_plan``) to x, sizes, masks and the source map (dropped pad tokens get
+        source -1); features move exactly (one member per slot). Padding is masked out of attention, so results
+        do not change.
+        """
+        if self.valid is None or not self.merged:
+            return x
+        plan = compaction_plan(self.valid)
+        if plan is None:
+            return x
+        size = self.size if self.size is not None else torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)
+        x, self.size = plan.merge(x, size, size_weighted=False)  # one member per slot: x moves exactly
+        self.valid = plan.any(self.valid)
+        if self.frozen is not None:
+            self.frozen = plan.any(self.frozen)
+        if self.source is not None:
+            before, self.source = self.source, plan.compose_source(self.source)
+            if self.source_history and self.source_history[-1][1] is before:
+                self.source_history[-1] = (self.source_history[-1][0], self.source)
+        return x
+
+    def source_after(self, layer: int) -> Optional[Tensor]:
+        """The source map of the tokens leaving block ``layer`` (None: nothing merged up to there = identity)."""
+        found = None
+        for merged_at, source in self.source_history:
+            if merged_at <= layer:
+                found = source
+        return found
+
+    def unmerge(self, x: Tensor, source: Optional[Tensor] = None, fill_mean_from: Optional[int] = None) -> Tensor:
+        """Copy each merged token of x back to every original position it holds (length N0 again).
+
+        source: the map x's tokens come from (default: the current one). Dropped tokens (pruning baselines) get
+        zeros, or, with ``fill_mean_from=h``, the size-weighted mean of x's tokens after the first h, so that a
+        plain mean over those positions equals the size-weighted mean of the surviving tokens.
+        """
+        source = self.source if source is None else source
+        if source is None or source.shape[0] != x.shape[0]:
+            raise RuntimeError("pitome: no source map to unmerge with")
+        out = MergePlan(assign=source, num_out=x.shape[1]).unmerge(x)
+        if fill_mean_from is None:
+            return out
+        h = fill_mean_from
+        size = self.size[:, h:] if self.size is not None else torch.ones(x.shape[0], x.shape[1] - h, device=x.device)
+        weight = size.to(x.dtype).unsqueeze(-1)
+        mean = (x[:, h:] * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return torch.where((source < 0).unsqueeze(-1), mean.expand_as(out), out)
 
     def info(self) -> MergeInfo:
         counts = list(self.tokens_per_layer)

@@ -1,4 +1,8 @@
-"""Model adapters, found by model type. Each adapter file imports its model library lazily."""
+"""Model adapters, found by model type. Each adapter file imports its model library lazily.
+
+``register_adapter`` adds an adapter that is tried before the built-in ones (the latest registered first), so a
+user adapter can take over a model family pitome already knows.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +18,18 @@ from .timm_vit import TimmViTAdapter
 
 __all__ = ["Adapter", "UnsupportedModelError", "ADAPTERS", "find_adapter", "register_adapter"]
 
-ADAPTERS: list[type[Adapter]] = [TimmViTAdapter]
-ADAPTERS.append(HFTextAdapter)
-ADAPTERS.extend([HFViTAdapter, HFClipAdapter, HFClipTextAdapter, HFLlavaAdapter, OpenClipViTAdapter])
+ADAPTERS: list[type[Adapter]] = [TimmViTAdapter, HFTextAdapter, HFViTAdapter, HFClipAdapter, HFClipTextAdapter,
+                                  HFLlavaAdapter, OpenClipViTAdapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
-    ADAPTERS.append(cls)
+    """Register a model adapter (usable as a class decorator); it is tried before every adapter registered earlier
+    and every built-in one."""
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+        raise TypeError(f"register_adapter takes a subclass of pitome.adapters.Adapter, got {cls!r}")
+    if cls in ADAPTERS:
+        ADAPTERS.remove(cls)
+    ADAPTERS.insert(0, cls)
     return cls
 
 

@@ -15,9 +15,34 @@ from ..config import MergeSettings
 from ..step import ForwardState, RootKey, current_state
 
 __all__ = ["Adapter", "UnsupportedModelError", "swap_class", "restore_class", "is_swapped", "root_state",
-           "remove_hooks", "ATTRS"]
+           "remove_hooks", "get_tag", "set_tags", "clear_tags", "TAGS", "ATTRS"]
 
-ATTRS = ("_pitome_key", "_pitome_layer", "_pitome_settings", "_pitome_adapter", "_pitome_last")
+# Tags pitome stores on a patched module (in its __dict__, so nn.Module's attribute machinery never sees them and
+# deep copies / pickles carry them): key = the model's RootKey, layer = block index, settings = MergeSettings,
+# adapter = the Adapter that patched the model, last = the latest forward's MergeInfo; adapters may add their own.
+TAGS = ("key", "layer", "settings", "adapter", "last")
+_PREFIX = "_pitome_"
+ATTRS = tuple(_PREFIX + name for name in TAGS)  # the attribute names (api.py pops them; prefer clear_tags)
+
+
+def get_tag(module: nn.Module, name: str, default: Any = None) -> Any:
+    """The pitome tag ``name`` of a module (``default`` when unset). The only reader of tags."""
+    return module.__dict__.get(_PREFIX + name, default)
+
+
+def set_tags(module: nn.Module, **tags: Any) -> None:
+    """Set pitome tags on a module (``None`` values are skipped). The only writer of tags."""
+    for name, value in tags.items():
+        if value is not None:
+            module.__dict__[_PREFIX + name] = value
+
+
+def clear_tags(module: nn.Module, *names: str) -> Any:
+    """Remove the named tags (all pitome tags when none are named); returns the value of the last one named."""
+    value = None
+    for attr in [_PREFIX + n for n in names] or [a for a in module.__dict__ if a.startswith(_PREFIX)]:
+        value = module.__dict__.pop(attr, None)
+    return value
 
 
 class UnsupportedModelError(TypeError):
@@ -42,12 +67,18 @@ class Adapter:
     def patch(self, model: nn.Module, settings: MergeSettings) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def blocks(self, model: nn.Module) -> nn.Module:  # pragma: no cover - interface
+        """The list (ModuleList / Sequential) of the Transformer blocks that merge (FLOPs counting reads it)."""
+        raise NotImplementedError
+
     def unpatch(self, model: nn.Module) -> None:
+        """Undo a patch: only the modules tagged with this model's key (a separately patched part keeps its patch)."""
+        key = get_tag(model, "key")
         for module in model.modules():
-            remove_hooks(module)
-            restore_class(module)
-            for attr in ATTRS:
-                module.__dict__.pop(attr, None)
+            if module is model or (key is not None and get_tag(module, "key") is key):
+                remove_hooks(module)
+                restore_class(module)
+                clear_tags(module)
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
@@ -84,17 +115,6 @@ def _new_swapped(mixin: type, original: type) -> nn.Module:
     return cls.__new__(cls)
 
 
-def relay_info(outer: nn.Module, inner: nn.Module, call: Callable[[], Any]) -> Any:
-    """Run ``call`` (a forward of ``outer`` that runs the patched ``inner``) and hand inner's MergeInfo to outer,
-    so ``pitome.info`` works on the model the user holds (task heads, two-tower models)."""
-    outer.__dict__.pop("_pitome_last", None)
-    out = call()
-    last = inner.__dict__.get("_pitome_last")
-    if last is not None:
-        outer.__dict__["_pitome_last"] = last
-    return out
-
-
 def is_swapped(module: nn.Module) -> bool:
     return "_pitome_original_class" in type(module).__dict__
 
@@ -106,7 +126,7 @@ def restore_class(module: nn.Module) -> None:
 
 def root_state(module: nn.Module) -> Optional[ForwardState]:
     """The running forward's state of the patched model this module belongs to (None outside one)."""
-    key: Optional[RootKey] = module.__dict__.get("_pitome_key")
+    key: Optional[RootKey] = get_tag(module, "key")
     return current_state(key) if key is not None else None
 
 

@@ -17,18 +17,19 @@ back to the input length (each position holds its merged token), so CLIP's EOS p
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import dataclasses
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..config import MergeSettings
-from ..step import ForwardState, RootKey, activate, log_size_bias
-from .base import Adapter, UnsupportedModelError, pitome_hook, root_state
-from .hf_common import SUPPORTED_TRANSFORMERS, check_attention_backend, register_output_capture, require_transformers
-from .hf_vision import (ClsRoot, EncoderRoot, MeanPoolRoot, RootMixin, after_layer, bind_root,
-                        check_layer, check_no_checkpointing, class_names, layer_mask, model_device, original_name,
-                        patch_layers, prepare_metric, start_source, store_info, swap, tag, unmerge, unpatch_key)
+from ..step import AdapterState, ForwardState, RootKey, log_size_bias
+from .base import UnsupportedModelError, pitome_hook, root_state
+from .common import PatchedBlock, RootMixin, bind_root, class_names, original_name, swap, tag
+from .hf_common import (SUPPORTED_TRANSFORMERS, ClsRoot, EncoderRoot, HFAdapter, HFRoot, MeanPoolRoot, check_attention_backend,
+                        check_layer, layer_mask, patch_layers, prepare_metric, register_output_capture,
+                        require_transformers)
 
 __all__ = ["HFClipAdapter", "HFClipTextAdapter", "VISION_TOWERS", "patch_vision_tower"]
 
@@ -39,27 +40,21 @@ _LAYER_PARTS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
 
 # --- layers -------------------------------------------------------------------------------------------------
 
-class _ClipLayer:
+class _ClipLayer(PatchedBlock):
     """Mixin for ``CLIPEncoderLayer`` / ``SiglipEncoderLayer`` in a vision tower."""
 
     def _pitome_mask(self, state: ForwardState, attention_mask: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
         return layer_mask(state, attention_mask, x)
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
-        state = root_state(self)
-        if state is None:
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        layer = self.__dict__["_pitome_layer"]
-        start_source(state, hidden_states)
-        state.enter_block(layer, hidden_states)
+    def _pitome_block(self, state: ForwardState, layer: int, hidden_states: Tensor,
+                      attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
         normed = self.layer_norm1(hidden_states)
         mask = self._pitome_mask(state, attention_mask, normed)
         attn, _ = self.self_attn(hidden_states=normed, attention_mask=mask, **kwargs)
         prepare_metric(state, layer, self.self_attn, normed, mask)
         hidden_states = hidden_states + attn
         hidden_states = state.merge(layer, hidden_states, hidden_metric=hidden_states)
-        out = hidden_states + self.mlp(self.layer_norm2(hidden_states))
-        return after_layer(state, out)
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
 def causal_merged_mask(state: ForwardState, x: Tensor, real: Optional[Tensor]) -> Tensor:
@@ -98,7 +93,7 @@ class _ClipTextLayer(_ClipLayer):
     def _pitome_mask(self, state: ForwardState, attention_mask: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
         if not state.merged:
             return attention_mask
-        return causal_merged_mask(state, x, state.input_real)
+        return causal_merged_mask(state, x, state.adapter.input_real)
 
 
 class _SiglipPoolingHead:
@@ -121,7 +116,7 @@ class _SiglipPoolingHead:
 
 # --- model level ------------------------------------------------------------------------------------------------
 
-class _DualModel(RootMixin):
+class _DualModel(HFRoot):
     """Mixin for ``CLIPModel`` / ``SiglipModel``: image features run under the vision tower's merge state."""
 
     def get_image_features(self, *args: Any, **kwargs: Any) -> Any:
@@ -133,7 +128,7 @@ def _unmerge_text_output(module: nn.Module, args: tuple, output: Tensor) -> Opti
     state = root_state(module)
     if state is None or not state.merged or state.source is None:
         return None
-    return unmerge(output, state)
+    return state.unmerge(output)
 
 
 def _eos_index(model: nn.Module, input_ids: Tensor) -> Tensor:
@@ -145,23 +140,31 @@ def _eos_index(model: nn.Module, input_ids: Tensor) -> Tensor:
     return (ids == eos).int().argmax(dim=-1)
 
 
-class _ClipTextRoot:
+@dataclasses.dataclass
+class _ClipTextState(AdapterState):
+    """The CLIP text tower's per-forward fields: (B, N0) real (non-padding) input tokens, for the causal mask."""
+
+    needs_source: bool = True  # last_hidden_state is unmerged back to the input length
+    input_real: Optional[Tensor] = None
+
+
+class _ClipTextRoot(RootMixin):
     """Mixin for ``CLIPTextModel`` / ``CLIPTextModelWithProjection``: padding, EOS and what follows it."""
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, **kwargs: Any) -> Any:
-        key = self.__dict__["_pitome_key"]
-        with activate(key, self.__dict__["_pitome_settings"], model_device(self)) as (state, owner):
-            state.needs_source = True
-            if owner:
-                check_no_checkpointing(self)
-                if input_ids is not None:
-                    state.input_real, state.valid, state.frozen = _text_state(self, input_ids, attention_mask)
-            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  **kwargs)
-            if owner:
-                store_info(self, state)
-            return out
+        return self._pitome_run(super().forward, input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids, **kwargs)
+
+    def _pitome_enter(self, state: ForwardState, owner: bool, fn: Callable[..., Any], args: tuple,
+                      kwargs: dict) -> None:
+        super()._pitome_enter(state, owner, fn, args, kwargs)
+        if owner:
+            state.adapter = _ClipTextState()
+            input_ids = kwargs.get("input_ids")
+            if input_ids is not None:
+                state.adapter.input_real, state.valid, state.frozen = _text_state(self, input_ids,
+                                                                                  kwargs.get("attention_mask"))
 
 
 def _text_state(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -221,16 +224,13 @@ _VISION_ROOTS: dict[str, tuple[Optional[str], type]] = {
 }
 
 
-class HFClipAdapter(Adapter):
+class HFClipAdapter(HFAdapter):
     name = "hf_clip"
+    roots = tuple(_VISION_ROOTS)
     family = "vision"
     supports = (f"Hugging Face CLIP / SigLIP vision (transformers {SUPPORTED_TRANSFORMERS}, attn 'sdpa' or 'eager'): "
                 f"{', '.join(_VISION_ROOTS)} (CLIPModel / SiglipModel: the vision tower; patch "
                 f"model.text_model separately to merge CLIP text tokens)")
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return original_name(model) in _VISION_ROOTS and "PreTrainedModel" in class_names(model)
 
     def _tower(self, model: nn.Module) -> nn.Module:
         attr = _VISION_ROOTS[original_name(model)][0]
@@ -241,6 +241,9 @@ class HFClipAdapter(Adapter):
 
     def num_protected(self, model: nn.Module) -> int:
         return VISION_TOWERS[original_name(self._tower(model))]
+
+    def blocks(self, model: nn.Module) -> nn.Module:
+        return self._tower(model).encoder.layers
 
     def patch(self, model: nn.Module, settings: MergeSettings) -> None:
         tower = self._tower(model)
@@ -253,22 +256,16 @@ class HFClipAdapter(Adapter):
             bind_root(model, key, settings, _VISION_ROOTS[original_name(model)][1])
         register_output_capture(model)
 
-    def unpatch(self, model: nn.Module) -> None:
-        unpatch_key(model)
-
 
 _TEXT_ROOTS = {"CLIPTextModel": None, "CLIPTextModelWithProjection": "text_model"}
 
 
-class HFClipTextAdapter(Adapter):
+class HFClipTextAdapter(HFAdapter):
     name = "hf_clip_text"
+    roots = tuple(_TEXT_ROOTS)
     family = "text"
     supports = (f"Hugging Face CLIP text tower (transformers {SUPPORTED_TRANSFORMERS}, attn 'sdpa' or 'eager'): "
                 f"CLIPTextModel, CLIPTextModelWithProjection (e.g. pitome.patch(clip_model.text_model, ...))")
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return original_name(model) in _TEXT_ROOTS and "PreTrainedModel" in class_names(model)
 
     def _tower(self, model: nn.Module) -> nn.Module:
         attr = _TEXT_ROOTS[original_name(model)]
@@ -279,6 +276,9 @@ class HFClipTextAdapter(Adapter):
 
     def num_protected(self, model: nn.Module) -> int:
         return 0
+
+    def blocks(self, model: nn.Module) -> nn.Module:
+        return self._tower(model).encoder.layers
 
     def patch(self, model: nn.Module, settings: MergeSettings) -> None:
         tower = self._tower(model)
@@ -293,6 +293,3 @@ class HFClipTextAdapter(Adapter):
         for module in {id(tower): tower, id(model): model}.values():
             bind_root(module, key, settings, _ClipTextRoot)
         register_output_capture(model)
-
-    def unpatch(self, model: nn.Module) -> None:
-        unpatch_key(model)

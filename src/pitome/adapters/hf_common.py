@@ -1,23 +1,30 @@
-"""Pieces every Hugging Face adapter shares: the supported transformers range, attention masks after a merge,
-the attention back-ends that accept them, and keeping transformers' output capturing working on swapped classes.
+"""The toolkit of the Hugging Face adapters (built on ``common``): the supported transformers range, the attention
+back-ends that take merged-token masks, layer masks after a merge, the key hook and metric / attention signals of
+an encoder layer, the roots of encoder / head models (unmerging the last hidden states for mean-pooling heads: copied
+back to every original position, the heads' plain mean is the size-weighted mean), and keeping transformers' output
+capturing working on swapped classes.
 
 transformers is imported lazily (inside functions), so importing this module needs only torch.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import dataclasses
+import inspect
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..plan import stable_argsort
-from ..step import ForwardState
-from .base import UnsupportedModelError
+from ..config import MergeSettings
+from ..step import AdapterState, ForwardState, RootKey
+from .base import Adapter, UnsupportedModelError, get_tag, is_swapped, pitome_hook, root_state
+from .common import (RootMixin, attention_mode, class_names, original_name, first_token_attention, received_attention,
+                     split_heads_mean, swap, tag)
 
-__all__ = ["SUPPORTED_TRANSFORMERS", "require_transformers", "class_names", "check_attention_backend",
-           "additive_mask", "as_additive", "register_output_capture", "split_heads_mean", "first_token_attention",
-           "drop_padding_slots"]
+__all__ = ["SUPPORTED_TRANSFORMERS", "require_transformers", "check_attention_backend", "additive_mask",
+           "register_output_capture", "layer_mask", "prepare_metric", "hook_keys", "patch_layers", "check_layer",
+           "HFRoot", "EncoderRoot", "MeanPoolRoot", "ClsRoot", "replace_first", "HFAdapter"]
 
 SUPPORTED_TRANSFORMERS = ">=5.0,<6"
 _MIN, _MAX = (5, 0), (6, 0)
@@ -50,11 +57,6 @@ def require_transformers() -> str:
     return version
 
 
-def class_names(obj: Any) -> set[str]:
-    """Names of the classes in obj's MRO (matching by name survives library refactors and our swapped classes)."""
-    return {c.__name__ for c in type(obj).__mro__}
-
-
 def check_attention_backend(config: Any, where: str) -> None:
     """Merging needs an attention that takes an additive float mask of any length: sdpa or eager."""
     backend = getattr(config, "_attn_implementation", None) or "eager"
@@ -83,37 +85,6 @@ def additive_mask(valid: Optional[Tensor], size_bias: Optional[Tensor], dtype: t
     return mask
 
 
-def as_additive(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """Transformers' layer masks are bool (True = attend) for sdpa and additive floats for eager; give floats."""
-    if mask is None or mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-
-
-def split_heads_mean(projection: Tensor, num_heads: int) -> Tensor:
-    """(B, N, H*d) projection output -> (B, N, d) mean over heads (the keys metric of PiToMe / ToMe)."""
-    batch, tokens, width = projection.shape
-    return projection.view(batch, tokens, num_heads, width // num_heads).mean(dim=2)
-
-
-def first_token_attention(query0: Tensor, keys: Tensor, num_heads: int, scaling: float,
-                          mask: Optional[Tensor]) -> Tensor:
-    """(B, N) attention that token 0 pays to every token, averaged over heads, in float32.
-
-    query0: (B, 1, H*d) query projection of token 0; keys: (B, N, H*d); mask: additive or bool layer mask,
-    (B, 1, Q, N) or (B, 1, 1, N), or None. For algorithms that rank tokens by [CLS] attention.
-    """
-    batch, tokens, width = keys.shape
-    head_dim = width // num_heads
-    q = query0.float().view(batch, 1, num_heads, head_dim).transpose(1, 2)  # (B, H, 1, d)
-    k = keys.float().view(batch, tokens, num_heads, head_dim).transpose(1, 2)  # (B, H, N, d)
-    logits = (q @ k.transpose(-1, -2)) * scaling  # (B, H, 1, N)
-    mask = as_additive(mask, torch.float32)
-    if mask is not None:
-        logits = logits + mask[:, :, :1, :].float()
-    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
-
-
 def register_output_capture(model: nn.Module) -> None:
     """Transformers looks up ``_can_record_outputs`` by class name; register our swapped classes under theirs.
 
@@ -125,46 +96,174 @@ def register_output_capture(model: nn.Module) -> None:
         return
     for module in model.modules():
         can_record = getattr(type(module), "_can_record_outputs", None)
-        if can_record is not None and "_pitome_original_class" in type(module).__dict__:
+        if can_record is not None and is_swapped(module):
             _CAN_RECORD_REGISTRY[module] = can_record
 
 
-def drop_padding_slots(state: ForwardState, x: Tensor) -> Tensor:
-    """Shrink a padded batch to its widest sample after a merge: slots holding only padding (or nothing) go.
+def num_heads(attn: nn.Module) -> int:
+    for name in ("num_attention_heads", "num_heads"):
+        if hasattr(attn, name):
+            return int(getattr(attn, name))
+    raise UnsupportedModelError(f"{type(attn).__name__} has no num_attention_heads / num_heads")
 
-    Padding never merges, so without this a short sequence keeps all its pad tokens and sets the batch width.
-    Real tokens keep their order (valid slots are stable-sorted first, a no-op for plans from ``build_plan``);
-    the dropped pad tokens get source -1. Padding is masked out of attention, so results do not change.
+
+def attention_scaling(attn: nn.Module) -> float:
+    for name in ("scaling", "scale"):
+        if getattr(attn, name, None) is not None:
+            return float(getattr(attn, name))
+    return float(attn.head_dim) ** -0.5
+
+
+def check_layer(index: int, layer: nn.Module, parts: Sequence[str]) -> None:
+    missing = [p for p in parts if not hasattr(layer, p)]
+    attn = getattr(layer, "attention", None) or getattr(layer, "self_attn", None)
+    if missing or attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj")):
+        raise UnsupportedModelError(
+            f"layer {index} is a {type(layer).__name__} without the parts pitome expects ({', '.join(parts)}; "
+            f"attention q_proj/k_proj): this transformers version's module layout is not supported; supported: "
+            f"transformers{SUPPORTED_TRANSFORMERS}"
+        )
+
+
+# --- per layer ------------------------------------------------------------------------------------------------
+
+@pitome_hook
+def capture_key_projection(module: nn.Module, args: tuple, output: Tensor) -> None:
+    """Keep the raw key projection (B, N, H*d) of a merging layer; the layer turns it into the metric."""
+    state = root_state(module)
+    if state is not None and state.layer_merges(get_tag(module, "layer")):
+        state.metric = output
+
+
+def hook_keys(attn: nn.Module, key: RootKey, layer: int, settings: MergeSettings) -> None:
+    if (settings.config.metric == "keys" or settings.needs_attention) and settings.layers[layer].merges:
+        tag(attn.k_proj, key, layer)
+        attn.k_proj.register_forward_hook(capture_key_projection)
+
+
+def patch_layers(layers: Sequence[nn.Module], attn_attr: str, mixin: type, key: RootKey,
+                 settings: MergeSettings) -> None:
+    for index, layer in enumerate(layers):
+        hook_keys(getattr(layer, attn_attr), key, index, settings)
+        swap(layer, mixin, key, index)
+
+
+def layer_mask(state: ForwardState, attention_mask: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """A vision layer's mask: the model's own until tokens merge, then the size bias (log size, -inf for empty
+    slots)."""
+    if not state.merged:
+        return attention_mask
+    if attention_mask is not None and isinstance(state.adapter, HFState) and state.adapter.caller_mask is False:
+        attention_mask = None  # all-attend mask that transformers builds while exporting; the size bias replaces it
+    if attention_mask is not None:
+        raise ValueError(
+            "pitome: an attention_mask cannot be combined with merging in a vision encoder (the mask refers to "
+            "the original tokens); call the model without attention_mask, or unpatch it"
+        )
+    return additive_mask(state.valid, state.size_bias(x.dtype), x.dtype, shape=tuple(x.shape[:2]))
+
+
+def prepare_metric(state: ForwardState, layer: int, attn: nn.Module, normed: Tensor, mask: Optional[Tensor]) -> None:
+    """Turn the captured key projection into the keys metric, and token attention if the algorithm wants it."""
+    raw = state.metric
+    state.metric = None
+    if not state.layer_merges(layer):
+        return
+    heads = num_heads(attn)
+    mode = attention_mode(state, layer)
+    if mode is not None:
+        if raw is None:
+            raise RuntimeError("pitome: the key projection was not captured; re-patch the model")
+        with torch.no_grad():
+            if mode == "cls":
+                state.attention = first_token_attention(attn.q_proj(normed[:, :1]), raw, heads,
+                                                        attention_scaling(attn), mask)
+            else:
+                state.attention = received_attention(attn.q_proj(normed), raw, heads, attention_scaling(attn), mask)
+    if state.settings.config.metric == "keys" and raw is not None:
+        state.metric = split_heads_mean(raw, heads)
+
+
+# --- roots ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class HFState(AdapterState):
+    """The HF vision adapters' per-forward fields.
+
+    caller_mask: while exporting, whether the caller passed its own attention mask (else a mask transformers built
+    for tracing is all-attend and may be replaced by the size bias after a merge). unmerge_output: the encoder
+    returns last_hidden_state unmerged to full length (a mean-pooling head runs on it).
     """
-    valid = state.valid
-    if valid is None or not state.merged:
-        return x
-    counts = valid.sum(dim=1)
-    keep = int(counts.max())
-    if keep >= x.shape[1]:
-        return x
-    order = None
-    if not bool((valid[:, :keep].sum(dim=1) == counts).all()):
-        order = stable_argsort((~valid).to(torch.int8), dim=1)
 
-    def take(t: Optional[Tensor]) -> Optional[Tensor]:
-        if t is None:
-            return None
-        if order is not None:
-            index = order if t.dim() == 2 else order.unsqueeze(-1).expand(-1, -1, t.shape[-1])
-            t = t.gather(1, index)
-        return t[:, :keep]
+    caller_mask: Optional[bool] = None
+    unmerge_output: bool = False
 
-    x = take(x)
-    state.size, state.frozen, state.valid = take(state.size), take(state.frozen), take(state.valid)
-    if state.source is not None:
-        source = state.source
-        if order is not None:
-            position = torch.empty_like(order)
-            position.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-            source = torch.where(source < 0, source, position.gather(1, source.clamp_min(0)))
-        source = torch.where(source >= keep, -1, source)
-        if state.source_history and state.source_history[-1][1] is state.source:
-            state.source_history[-1] = (state.source_history[-1][0], source)
-        state.source = source
-    return x
+
+def replace_first(output: Any, value: Tensor) -> Any:
+    """An HF output (tuple or ModelOutput) with its first entry (last_hidden_state) replaced."""
+    if isinstance(output, tuple):
+        return (value,) + tuple(output[1:])
+    output.last_hidden_state = value
+    return output
+
+
+def _passes_attention_mask(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bool:
+    if kwargs.get("attention_mask") is not None:
+        return True
+    try:
+        bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return True  # cannot tell: keep the strict behaviour
+    return bound.arguments.get("attention_mask") is not None
+
+
+class HFRoot(RootMixin):
+    """A root of an HF vision model part. ``_pitome_mean_pool`` is set on mean-pooling heads: their encoder
+    (``_pitome_encoder``) then returns last_hidden_state unmerged to full length, so the head's plain mean over the
+    non-protected tokens is the size-weighted mean of the merged tokens."""
+
+    _pitome_mean_pool: ClassVar[bool] = False
+    _pitome_encoder: ClassVar[bool] = False
+
+    def _pitome_enter(self, state: ForwardState, owner: bool, fn: Callable[..., Any], args: tuple,
+                      kwargs: dict) -> None:
+        super()._pitome_enter(state, owner, fn, args, kwargs)
+        if not isinstance(state.adapter, HFState):
+            state.adapter = HFState()
+        if owner and (torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()):
+            state.adapter.caller_mask = _passes_attention_mask(fn, args, kwargs)
+        if self._pitome_mean_pool:
+            state.adapter.needs_source = state.adapter.unmerge_output = True
+
+    def _pitome_exit(self, state: ForwardState, owner: bool, out: Any) -> Any:
+        adapter = state.adapter
+        if self._pitome_encoder and adapter.unmerge_output and state.merged and state.source is not None:
+            first = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            out = replace_first(out, state.unmerge(first, fill_mean_from=state.settings.num_protected))
+        return out
+
+
+class EncoderRoot(HFRoot):
+    """An encoder model (its last_hidden_state is what heads pool)."""
+
+    _pitome_encoder = True
+
+
+class MeanPoolRoot(HFRoot):
+    """A head model that mean-pools the encoder's tokens."""
+
+    _pitome_mean_pool = True
+
+
+class ClsRoot(HFRoot):
+    """A head model that reads protected tokens only (class / distillation token)."""
+
+
+class HFAdapter(Adapter):
+    """An adapter for transformers models found by the class names in ``roots`` (as transformers built them)."""
+
+    roots: ClassVar[Sequence[str]] = ()
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return original_name(model) in cls.roots and "PreTrainedModel" in class_names(model)

@@ -23,11 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MergeSettings
-from ..step import RootKey, current_state
-from .base import Adapter, UnsupportedModelError
+from ..step import RootKey
+from .base import UnsupportedModelError, get_tag, root_state
+from .common import bind_root, class_names, original_class, original_name
 from .hf_clip import VISION_TOWERS, patch_vision_tower
-from .hf_common import SUPPORTED_TRANSFORMERS, register_output_capture
-from .hf_vision import RootMixin, bind_root, class_names, original_name, unpatch_key
+from .hf_common import SUPPORTED_TRANSFORMERS, HFAdapter, HFRoot, register_output_capture
 
 __all__ = ["HFLlavaAdapter", "image_token_count", "LLAVA_MODELS"]
 
@@ -78,7 +78,7 @@ def image_token_count(model: nn.Module, image_size: Optional[Sequence[int]] = No
     image_size: (height, width) of the pixel values; default: the vision tower's configured size.
     """
     llava = _llava_model(model)
-    settings = llava.__dict__.get("_pitome_settings")
+    settings = get_tag(llava, "settings")
     if settings is None:
         raise ValueError("model is not patched; call pitome.patch(model, ...) first")
     tower = llava.vision_tower
@@ -178,7 +178,7 @@ def _shorten(llava: nn.Module, features: Any, input_ids: Tensor, attention_mask:
 
 def _full_count(llava: nn.Module, strategy: Optional[str]) -> int:
     """Image tokens per image without merging (what the processor put in the prompt), from the latest tower run."""
-    state = current_state(llava.__dict__["_pitome_key"])
+    state = root_state(llava)
     tokens = state.tokens_per_layer[0]
     return tokens - (1 if _strategy(llava, strategy) == "default" else 0)
 
@@ -187,7 +187,7 @@ _SIGNATURES: dict[type, inspect.Signature] = {}
 
 
 def _bind(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    cls = type(model).__dict__["_pitome_original_class"]
+    cls = original_class(model)
     if cls not in _SIGNATURES:
         _SIGNATURES[cls] = inspect.signature(cls.forward)
     bound = _SIGNATURES[cls].bind_partial(model, *args, **kwargs).arguments
@@ -196,7 +196,7 @@ def _bind(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     return {**bound, **extra}
 
 
-class _LlavaModelRoot(RootMixin):
+class _LlavaModelRoot(HFRoot):
     """Mixin for ``LlavaModel``: image features under the tower's merge state; placeholder runs shortened."""
 
     def get_image_features(self, *args: Any, **kwargs: Any) -> Any:
@@ -205,7 +205,7 @@ class _LlavaModelRoot(RootMixin):
     def _pitome_image_features(self, pixel_values: Tensor, vision_feature_layer: Any = None,
                                vision_feature_select_strategy: Optional[str] = None, image_sizes: Any = None,
                                **kwargs: Any) -> Any:
-        settings = self.__dict__["_pitome_settings"]
+        settings = get_tag(self, "settings")
         _check_feature_layers(settings, _feature_layers(self, vision_feature_layer))
         if image_sizes is not None and any(s.merges for s in settings.layers):
             raise NotImplementedError("pitome: LLaVA variants that split features by image_sizes are not supported")
@@ -247,7 +247,7 @@ def _encode_and_shorten(llava: nn.Module, call: dict) -> dict:
     return call
 
 
-class _LlavaGenerationRoot(RootMixin):
+class _LlavaGenerationRoot(HFRoot):
     """Mixin for ``LlavaForConditionalGeneration``: forward and generate with shortened image placeholder runs."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -287,15 +287,12 @@ def _restore_prompt(out: Any, prompt: Tensor, short_length: int) -> Any:
     return out
 
 
-class HFLlavaAdapter(Adapter):
+class HFLlavaAdapter(HFAdapter):
     name = "hf_llava"
+    roots = LLAVA_MODELS
     family = "vision"
     supports = (f"Hugging Face LLaVA (transformers {SUPPORTED_TRANSFORMERS}): LlavaForConditionalGeneration / "
                 f"LlavaModel with a {' or '.join(VISION_TOWERS)} vision tower (attn 'sdpa' or 'eager')")
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return original_name(model) in LLAVA_MODELS and "PreTrainedModel" in class_names(model)
 
     def _tower(self, model: nn.Module) -> nn.Module:
         tower = _llava_model(model).vision_tower
@@ -306,6 +303,9 @@ class HFLlavaAdapter(Adapter):
 
     def num_layers(self, model: nn.Module) -> int:
         return len(self._tower(model).encoder.layers)
+
+    def blocks(self, model: nn.Module) -> nn.Module:
+        return self._tower(model).encoder.layers
 
     def num_protected(self, model: nn.Module) -> int:
         protected = VISION_TOWERS[original_name(self._tower(model))]
@@ -323,6 +323,3 @@ class HFLlavaAdapter(Adapter):
         if llava is not model:
             bind_root(model, key, settings, _LlavaGenerationRoot)
         register_output_capture(model)
-
-    def unpatch(self, model: nn.Module) -> None:
-        unpatch_key(model)

@@ -24,11 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MergeSettings
-from ..step import ForwardState, RootKey, activate
-from .base import Adapter, UnsupportedModelError, pitome_hook, relay_info, root_state, swap_class
-from .hf_common import (SUPPORTED_TRANSFORMERS, additive_mask, check_attention_backend, class_names,
-                        drop_padding_slots, first_token_attention, register_output_capture, require_transformers,
-                        split_heads_mean)
+from ..step import AdapterState, ForwardState, RootKey
+from .base import Adapter, UnsupportedModelError, get_tag, set_tags
+from .common import (PatchedBlock, RootMixin, class_names, first_token_attention, original_class, relay_info,
+                     split_heads_mean, swap, tag)
+from .hf_common import (SUPPORTED_TRANSFORMERS, additive_mask, capture_key_projection, check_attention_backend,
+                        register_output_capture, replace_first, require_transformers)
 
 __all__ = ["HFTextAdapter", "BERT_LIKE_MODELS", "DISTILBERT_MODELS"]
 
@@ -36,7 +37,6 @@ BERT_LIKE_MODELS = ("BertModel", "RobertaModel", "XLMRobertaModel", "CamembertMo
 DISTILBERT_MODELS = ("DistilBertModel",)
 TOKEN_LEVEL_HEADS = ("ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM", "ForPreTraining",
                      "LMHeadModel")
-_EXTRA_ATTRS = ("_pitome_unmerge", "_pitome_family")
 
 
 # --- where things are, per family -------------------------------------------------------------------------
@@ -90,14 +90,6 @@ def _has_path(module: nn.Module, path: str) -> bool:
 
 # --- per layer ----------------------------------------------------------------------------------------------
 
-@pitome_hook
-def _capture_key_projection(module: nn.Module, args: tuple, output: Tensor) -> None:
-    """Keep the raw key projection (B, N, H*d) of a merging layer; the layer turns it into the metric."""
-    state = root_state(module)
-    if state is not None and state.layer_merges(module.__dict__["_pitome_layer"]):
-        state.metric = output
-
-
 def _layer_mask(state: ForwardState, given: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     """The model's own mask until something merged; then valid + size bias for the current tokens."""
     if not state.merged:
@@ -112,7 +104,7 @@ def _prepare_metric(layer_module: nn.Module, state: ForwardState, layer: int, x_
     state.metric = None
     if not state.layer_merges(layer):
         return
-    query, _, heads, scaling = _attention_parts(layer_module, layer_module.__dict__["_pitome_family"])
+    query, _, heads, scaling = _attention_parts(layer_module, get_tag(layer_module, "family"))
     algorithm = state.settings.layers[layer].algorithm
     if getattr(algorithm, "needs_attention", False):
         if raw is None:
@@ -132,38 +124,29 @@ def _feed_forward(fn: Callable[[Tensor], Tensor], chunk_size: int, x: Tensor) ->
     return fn(x)
 
 
-class _PatchedBertLayer:
+class _PatchedBertLayer(PatchedBlock):
     """Mixin for BertLayer / RobertaLayer / ...: attention sub-layer, merge, feed-forward sub-layer."""
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, *args: Any,
-                **kwargs: Any) -> Tensor:
-        state = root_state(self)
-        if state is None:
-            return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        layer = self.__dict__["_pitome_layer"]
-        state.enter_block(layer, hidden_states)
+    def _pitome_block(self, state: ForwardState, layer: int, hidden_states: Tensor,
+                      attention_mask: Optional[Tensor] = None, *args: Any, **kwargs: Any) -> Tensor:
         mask = _layer_mask(state, attention_mask, hidden_states)
         kwargs.pop("encoder_attention_mask", None)
         attention_output, _ = self.attention(hidden_states, mask, cache=kwargs.pop("cache", None), **kwargs)
         _prepare_metric(self, state, layer, hidden_states, mask)
-        x = drop_padding_slots(state, state.merge(layer, attention_output, hidden_metric=attention_output))
+        x = state.compact_padding(state.merge(layer, attention_output, hidden_metric=attention_output))
         return _feed_forward(self.feed_forward_chunk, self.chunk_size_feed_forward, x)
 
 
-class _PatchedDistilBertBlock:
+class _PatchedDistilBertBlock(PatchedBlock):
     """Mixin for DistilBERT's TransformerBlock: attention + residual + sa_layer_norm, merge, FFN + output norm."""
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
-        state = root_state(self)
-        if state is None:
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        layer = self.__dict__["_pitome_layer"]
-        state.enter_block(layer, hidden_states)
+    def _pitome_block(self, state: ForwardState, layer: int, hidden_states: Tensor,
+                      attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
         mask = _layer_mask(state, attention_mask, hidden_states)
         attention_output, _ = self.attention(hidden_states, attention_mask=mask, **kwargs)
         x = self.sa_layer_norm(attention_output + hidden_states)
         _prepare_metric(self, state, layer, hidden_states, mask)
-        x = drop_padding_slots(state, state.merge(layer, x, hidden_metric=x))
+        x = state.compact_padding(state.merge(layer, x, hidden_metric=x))
         ffn_output = _feed_forward(self.ffn.ff_chunk, self.ffn.chunk_size_feed_forward, x)
         return self.output_layer_norm(ffn_output + x)
 
@@ -185,7 +168,7 @@ def _input_positions(cls: type) -> dict[str, int]:
 
 def _inputs(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(input_ids, attention_mask, inputs_embeds) from the call, whatever was passed positionally."""
-    positions = _input_positions(type(model)._pitome_original_class)  # (not via the class __dict__ proxy: compile)
+    positions = _input_positions(original_class(model))
 
     def pick(name: str) -> Optional[Tensor]:
         if name in kwargs:
@@ -233,46 +216,31 @@ def _padding_state(input_ids: Optional[Tensor], attention_mask: Optional[Tensor]
     return valid, frozen
 
 
-def _unmerge_output(out: Any, source: Tensor) -> Any:
-    """Copy each merged token back to every original position it holds (token-level heads)."""
-    first = out[0]
-    full = first.gather(1, source.clamp_min(0).unsqueeze(-1).expand(-1, -1, first.shape[-1]))
-    full = full.masked_fill((source < 0).unsqueeze(-1), 0)  # dropped padding positions
-    if isinstance(out, tuple):
-        return (full,) + tuple(out[1:])
-    out.last_hidden_state = full
-    return out
-
-
-class _PatchedTextModel:
-    """Mixin for the base model (BertModel, DistilBertModel, ...): a fresh merge state per forward."""
+class _PatchedTextModel(RootMixin):
+    """Mixin for the base model (BertModel, DistilBertModel, ...): a fresh merge state per forward; token-level
+    heads get last_hidden_state unmerged back to the input length."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        input_ids, attention_mask, inputs_embeds = _inputs(self, args, kwargs)
         check_attention_backend(self.config, type(self).__name__)
-        if self.training and getattr(self, "is_gradient_checkpointing", False):
-            raise ValueError("pitome: gradient checkpointing is not supported while merging; call "
-                             "model.gradient_checkpointing_disable() or unpatch")
-        device = (input_ids if input_ids is not None else inputs_embeds).device if (
-            input_ids is not None or inputs_embeds is not None) else None
-        with activate(self._pitome_key, self._pitome_settings, device) as (state, owner):
-            unmerge = self.__dict__.get("_pitome_unmerge", False)
-            if owner:
-                if attention_mask is None:  # no padding: the last token is frozen, the same budget for every sample
-                    state.valid, state.frozen = None, _last_token_mask(input_ids, inputs_embeds)
-                    state.frozen_count = 1
-                else:
-                    state.valid, state.frozen = _padding_state(input_ids, attention_mask, inputs_embeds)
-                if unmerge:
-                    batch, n = state.frozen.shape
-                    state.source = torch.arange(n, device=state.frozen.device).expand(batch, n)
-            out = super().forward(*args, **kwargs)
-            state.final_tokens = out[0].shape[1]
-            if owner:
-                self.__dict__["_pitome_last"] = state.info()
-                if unmerge and state.source is not None and state.merged:
-                    out = _unmerge_output(out, state.source)
-            return out
+        return self._pitome_run(super().forward, *args, **kwargs)
+
+    def _pitome_enter(self, state: ForwardState, owner: bool, fn: Callable[..., Any], args: tuple,
+                      kwargs: dict) -> None:
+        super()._pitome_enter(state, owner, fn, args, kwargs)
+        if not owner:
+            return
+        input_ids, attention_mask, inputs_embeds = _inputs(self, args, kwargs)
+        if attention_mask is None:  # no padding: the last token is frozen, the same budget for every sample
+            state.valid, state.frozen = None, _last_token_mask(input_ids, inputs_embeds)
+            state.frozen_count = 1
+        else:
+            state.valid, state.frozen = _padding_state(input_ids, attention_mask, inputs_embeds)
+        state.adapter = AdapterState(needs_source=get_tag(self, "unmerge", False))
+
+    def _pitome_exit(self, state: ForwardState, owner: bool, out: Any) -> Any:
+        if owner and state.adapter.needs_source and state.source is not None and state.merged:
+            return replace_first(out, state.unmerge(out[0]))
+        return out
 
 
 class _PatchedTaskModel:
@@ -302,6 +270,9 @@ class HFTextAdapter(Adapter):
     def num_protected(self, model: nn.Module) -> int:
         return 1
 
+    def blocks(self, model: nn.Module) -> nn.Module:
+        return _layers(_find_base(model))
+
     def _check(self, model: nn.Module, base: nn.Module, family: str) -> None:
         require_transformers()
         config = base.config
@@ -324,28 +295,18 @@ class HFTextAdapter(Adapter):
         family = _family(base)
         self._check(model, base, family)
         key = RootKey()
-        for module in {id(model): model, id(base): base}.values():
-            module.__dict__["_pitome_key"] = key
-            module.__dict__["_pitome_settings"] = settings
-        base.__dict__["_pitome_unmerge"] = any(type(model).__name__.endswith(s) for s in TOKEN_LEVEL_HEADS)
+        set_tags(model, settings=settings)
+        set_tags(base, settings=settings, unmerge=any(type(model).__name__.endswith(s) for s in TOKEN_LEVEL_HEADS))
         want_keys = settings.config.metric == "keys" or settings.needs_attention
         for index, layer in enumerate(_layers(base)):
             _, key_proj, _, _ = _attention_parts(layer, family)
-            for module in (layer, key_proj):
-                module.__dict__["_pitome_key"] = key
-                module.__dict__["_pitome_layer"] = index
-            layer.__dict__["_pitome_family"] = family
+            tag(key_proj, key, index)
+            set_tags(layer, family=family)
             if want_keys and settings.layers[index].merges:
-                key_proj.register_forward_hook(_capture_key_projection)
-            swap_class(layer, _PatchedDistilBertBlock if family == "distilbert" else _PatchedBertLayer)
-        swap_class(base, _PatchedTextModel)
-        _input_positions(type(base)._pitome_original_class)
+                key_proj.register_forward_hook(capture_key_projection)
+            swap(layer, _PatchedDistilBertBlock if family == "distilbert" else _PatchedBertLayer, key, index)
+        swap(base, _PatchedTextModel, key)
+        _input_positions(original_class(base))
         if model is not base:
-            swap_class(model, _PatchedTaskModel)
+            swap(model, _PatchedTaskModel, key)
         register_output_capture(model)
-
-    def unpatch(self, model: nn.Module) -> None:
-        for module in model.modules():
-            for attr in _EXTRA_ATTRS:
-                module.__dict__.pop(attr, None)
-        super().unpatch(model)

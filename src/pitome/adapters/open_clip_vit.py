@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MergeSettings
-from ..step import ForwardState, RootKey, activate
-from .base import Adapter, UnsupportedModelError, relay_info, root_state, swap_class
-from .hf_common import class_names, first_token_attention
-from .hf_vision import attention_mode, received_attention
+from ..step import ForwardState, RootKey
+from .base import Adapter, UnsupportedModelError, get_tag, root_state
+from .common import (RootMixin, attention_mode, bind_call, bind_root, class_names, first_token_attention,
+                     intermediates_mode, intermediates_state, intermediates_unmerged, received_attention, relay_info,
+                     swap, taken_blocks)
 
 __all__ = ["OpenClipViTAdapter"]
 
@@ -71,27 +72,40 @@ class _PatchedBlock:
                              "open_clip vision block (merging changes the token count); unpatch the model to use them")
         batch_first = self.attn.batch_first
         x = q_x if batch_first else q_x.transpose(0, 1)
-        layer = self.__dict__["_pitome_layer"]
-        state.enter_block(layer, x)
+        layer = get_tag(self, "layer")
+        state.begin_block(layer, x)
         x = x + self.ls_1(_attention(self, state, layer, self.ln_1(x)))
         x = state.merge(layer, x, hidden_metric=x)
-        x = x + self.ls_2(self.mlp(self.ln_2(x)))
-        state.final_tokens = x.shape[1]
+        x = state.end_block(layer, x + self.ls_2(self.mlp(self.ln_2(x))))
         return x if batch_first else x.transpose(0, 1)
 
 
-class _PatchedTower:
-    """Mixin for the VisionTransformer: a fresh merge state per forward; size-weighted "avg" pooling."""
+class _PatchedTower(RootMixin):
+    """Mixin for the VisionTransformer: a fresh merge state per forward (also forward_intermediates);
+    size-weighted "avg" pooling."""
 
-    def forward(self, x: Tensor) -> Any:
-        with activate(self._pitome_key, self._pitome_settings, x.device) as (state, owner):
-            if getattr(self.transformer, "grad_checkpointing", False) and self.training:
-                raise ValueError("pitome: gradient checkpointing is not supported while merging; "
-                                 "call model.set_grad_checkpointing(False) or unpatch")
-            out = super().forward(x)
-            if owner:
-                self.__dict__["_pitome_last"] = state.info()
-            return out
+    def forward_intermediates(self, x: Tensor, *args: Any, unmerge: Optional[bool] = None, **kwargs: Any) -> Any:
+        """open_clip's ``forward_intermediates`` with merging: intermediates as merged tokens (output_fmt='NLC'),
+        or, with ``unmerge=True`` (the default for 'NCHW'), copied back to every input position they hold."""
+        call = bind_call(super().forward_intermediates, (x, *args), kwargs)
+        wanted = intermediates_mode(call.get("output_fmt", "NCHW"), unmerge)
+        return self._pitome_run(self._pitome_intermediates, call, wanted)
+
+    def _pitome_intermediates(self, call: dict, wanted: bool) -> Any:
+        state = root_state(self)
+        wanted = intermediates_state(state, wanted).unmerge
+        out = super().forward_intermediates(**dict(call, output_fmt="NLC", output_extra_tokens=True))
+        spatial, prefix = out["image_intermediates"], out.pop("image_intermediates_prefix")
+        if wanted:
+            spatial, prefix = intermediates_unmerged(state, spatial, prefix,
+                                                     taken_blocks(len(self.transformer.resblocks), call["indices"]))
+        if call.get("output_fmt", "NCHW") == "NCHW":
+            height, width = call["x"].shape[-2] // self.patch_size[0], call["x"].shape[-1] // self.patch_size[1]
+            spatial = [t.reshape(t.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous() for t in spatial]
+        out["image_intermediates"] = spatial
+        if call.get("output_extra_tokens"):
+            out["image_intermediates_prefix"] = prefix
+        return out
 
     def _global_pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
         state = root_state(self)
@@ -107,6 +121,10 @@ class _PatchedClip:
 
     def encode_image(self, *args: Any, **kwargs: Any) -> Any:
         return relay_info(self, self.visual, lambda: super(_PatchedClip, self).encode_image(*args, **kwargs))
+
+    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
+        return relay_info(self, self.visual,
+                          lambda: super(_PatchedClip, self).forward_intermediates(*args, **kwargs))
 
 
 class OpenClipViTAdapter(Adapter):
@@ -127,6 +145,9 @@ class OpenClipViTAdapter(Adapter):
     def num_protected(self, model: nn.Module) -> int:
         return 1  # the class token
 
+    def blocks(self, model: nn.Module) -> nn.Module:
+        return _tower(model).transformer.resblocks
+
     def _check(self, tower: nn.Module) -> None:
         if getattr(tower, "attn_pool", None) is not None:
             raise UnsupportedModelError("pitome: open_clip towers with an attentional pooler (CoCa-style) are not "
@@ -145,13 +166,8 @@ class OpenClipViTAdapter(Adapter):
         tower = _tower(model)
         self._check(tower)
         key = RootKey()
-        tower.__dict__["_pitome_key"] = key
-        tower.__dict__["_pitome_settings"] = settings
         for index, block in enumerate(tower.transformer.resblocks):
-            block.__dict__["_pitome_key"] = key
-            block.__dict__["_pitome_layer"] = index
-            swap_class(block, _PatchedBlock)
-        swap_class(tower, _PatchedTower)
+            swap(block, _PatchedBlock, key, index)
+        bind_root(tower, key, settings, _PatchedTower)
         if tower is not model:
-            model.__dict__["_pitome_settings"] = settings
-            swap_class(model, _PatchedClip)
+            bind_root(model, key, settings, _PatchedClip)

@@ -217,7 +217,9 @@ def _head(inputs: Any, count: int) -> Any:
 
 def _tokens_after_forward(model: EvalModel, spec: MergeSpec, inputs: Any, probe: Optional[list[int]]) -> Optional[list[int]]:
     if spec.merges:
-        last = model.target.__dict__.get("_pitome_last")
+        from ..adapters.base import get_tag
+
+        last = get_tag(model.target, "last")
         return list(last.tokens_per_layer) if last is not None else None
     if probe is None:
         return None
