@@ -1,0 +1,142 @@
+"""Training with merging on: backward through every adapter and algorithm, dropout, bf16 autocast, exact resume,
+parameter selection and validation. (DDP, compile, checkpointing and the CLI: test_train_slow.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+
+import pitome  # noqa: E402
+from pitome.tasks.engine import MergeSpec  # noqa: E402
+from pitome.train import TrainConfig, Trainer, epoch_batches, logits_of, call_model, set_trainable  # noqa: E402
+from train_models import BUILDERS, FAMILIES, TensorItems, batch, tiny_timm_vit  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a busy shared machine: more threads spin and slow everything down
+    yield
+    torch.set_num_threads(threads)
+
+
+def _gradients(model: torch.nn.Module, inputs, labels) -> dict:
+    model.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(logits_of(call_model(model, inputs)), labels).backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backward_through_every_adapter_in_train_mode(family):
+    model = BUILDERS[family]().train()
+    inputs, labels = batch(family)
+    plain = _gradients(model, inputs, labels)
+    pitome.patch(model, "pitome", ratio=0.7)
+    merged = _gradients(model, inputs, labels)
+    counts = pitome.info(model).tokens_per_layer
+    assert counts[-1] < counts[0], "merging must be on while training"
+    assert set(merged) == set(plain), "merging must not cut any parameter off the gradient"
+    assert all(torch.isfinite(g).all() for g in merged.values())
+    first = [n for n in merged if ".0." in n or "blocks.0." in n]
+    assert first and all(merged[n].abs().sum() > 0 for n in first), "the first block must get gradients"
+    with torch.no_grad():  # dropout is live in train() mode: two forwards differ
+        assert not torch.equal(logits_of(call_model(model, inputs)), logits_of(call_model(model, inputs)))
+
+
+@pytest.mark.parametrize("algorithm", pitome.available_algorithms())
+def test_train_step_through_every_algorithm(algorithm):
+    model = tiny_timm_vit()
+    inputs, labels = batch("timm_vit", 8)
+    trainer = Trainer(model, TrainConfig(mode="full", batch_size=8, lr=1e-3, seed=0),
+                      MergeSpec.make(algorithm, ratio=0.8, seed=0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    steps = trainer.fit(TensorItems(inputs, labels), TensorItems.collate)
+    assert len(steps) == 1 and steps[0].tokens_per_layer[-1] < steps[0].tokens_per_layer[0]
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert "blocks.0.attn.qkv.weight" in moved and "head.weight" in moved
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not pitome.is_patched(model), "the merge setting is removed after training"
+
+
+def test_bf16_autocast_step_is_finite():
+    model = tiny_timm_vit()
+    inputs, labels = batch("timm_vit", 8)
+    trainer = Trainer(model, TrainConfig(mode="full", batch_size=8, lr=1e-3, amp="bf16"),
+                      MergeSpec.make("pitome", ratio=0.8))
+    steps = trainer.fit(TensorItems(inputs, labels), TensorItems.collate)
+    assert torch.isfinite(torch.tensor(steps[0].loss))
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+class _Killed(Exception):
+    pass
+
+
+def _run(tmp_path, resume: bool, family: str = "timm_vit", kill_after: int = 0) -> tuple[torch.nn.Module, list]:
+    model = BUILDERS[family]()
+    inputs, labels = batch(family, 8)
+    config = TrainConfig(mode="last-k", last_k=2, batch_size=4, epochs=2, lr=1e-3, seed=3, checkpoint_every=1)
+    trainer = Trainer(model, config, MergeSpec.make("pitome", ratio=0.8), checkpoint_dir=tmp_path)
+
+    def kill(log) -> None:
+        if kill_after and log.step + 1 == kill_after:
+            raise _Killed
+
+    history = trainer.fit(TensorItems(inputs, labels), TensorItems.collate, resume=resume, on_step=kill)
+    return model, [h.loss for h in history]
+
+
+@pytest.mark.parametrize("family", ["timm_vit", "hf_bert"])
+def test_resume_continues_the_same_trajectory(tmp_path, family):
+    straight, losses = _run(tmp_path / "a", resume=False, family=family)
+    assert len(losses) == 4
+    with pytest.raises(_Killed):
+        _run(tmp_path / "b", resume=False, family=family, kill_after=3)  # killed mid-epoch 2, after its checkpoint
+    resumed, resumed_losses = _run(tmp_path / "b", resume=True, family=family)
+    assert resumed_losses == losses  # dropout streams, batch order, optimizer and schedule all restored
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    _run(tmp_path, resume=False)
+    model = tiny_timm_vit()
+    trainer = Trainer(model, TrainConfig(mode="full", batch_size=4, epochs=2, lr=1e-3, seed=3), MergeSpec.make("pitome", ratio=0.8),
+                      checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="mode: 'last-k' -> 'full'"):
+        trainer.fit(TensorItems(*batch("timm_vit", 8)), TensorItems.collate, resume=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_modes_select_head_last_blocks_or_everything(family):
+    model = BUILDERS[family]()
+    total = sum(1 for _ in model.parameters())
+    head_only = set_trainable(model, "linear")
+    last = set_trainable(model, "last-k", 1)
+    assert head_only and set(head_only) < set(last)
+    assert not any(".0." in n or "blocks.0." in n for n in last)
+    assert len(set_trainable(model, "full")) == total
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(mode="half"), "mode must be one of"), (dict(batch_size=0), "batch_size"), (dict(lr=-1.0), "lr"),
+    (dict(amp="fp8"), "amp must be one of"), (dict(warmup=1.5), "warmup"), (dict(schedule="step"), "schedule"),
+    (dict(max_steps=0), "max_steps"), (dict(grad_clip=0), "grad_clip")])
+def test_bad_settings_name_the_value(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad).validate()
+
+
+def test_last_k_must_fit_the_model():
+    with pytest.raises(ValueError, match=r"last_k must be an integer in \[1, 4\]"):
+        set_trainable(tiny_timm_vit(), "last-k", 9)
+
+
+def test_epoch_batches_are_seeded_and_drop_the_partial_batch():
+    first = epoch_batches(10, 4, seed=0, epoch=0)
+    assert first == epoch_batches(10, 4, seed=0, epoch=0) and len(first) == 2
+    assert first != epoch_batches(10, 4, seed=0, epoch=1)
+    assert len({i for b in first for i in b}) == 8
