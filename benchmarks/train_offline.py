@@ -27,15 +27,7 @@ import torch
 from pitome.stats import paired_bootstrap
 from pitome.tasks.engine import MergeSpec, set_seed
 from pitome.train import TrainConfig, Trainer, correct, evaluate
-from pitome.train.offline import offline_setup
-
-RECIPES = {
-    "text": dict(algorithm="pitome_text", ratio=0.7, train=600, test=0, config=TrainConfig(
-        mode="full", epochs=1, batch_size=16, lr=5e-5, head_lr=5e-3, warmup=0.1)),
-    "image": dict(algorithm="pitome", ratio=0.8, train=50, test=50, config=TrainConfig(
-        mode="last-k", last_k=2, epochs=1, batch_size=16, lr=5e-5, head_lr=5e-3, warmup=0.1)),
-}
-
+from pitome.train.offline import RECIPES, offline_setup
 
 def _interval(a: torch.Tensor, b: torch.Tensor) -> dict:
     r = paired_bootstrap(a.numpy(), b.numpy(), scale=100.0)

@@ -35,7 +35,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 CHECKPOINT_NAME = "checkpoint.pt"
 # fields that change the trajectory: a resumed run must agree on them
 _TRAJECTORY = ("mode", "last_k", "epochs", "max_steps", "batch_size", "lr", "head_lr", "weight_decay", "warmup",
-               "schedule", "grad_clip", "amp", "seed")
+               "schedule", "grad_clip", "amp", "seed")  # (compile changes no number beyond float noise)
 
 
 @dataclass
@@ -46,7 +46,7 @@ class TrainConfig:
     batch_size:       the global batch (split across processes under torchrun; must divide evenly).
     checkpoint_every: steps between checkpoints (0 = at the end of every epoch only; needs a checkpoint folder).
     amp:              None (fp32), 'bf16' (CPU and CUDA) or 'fp16' (CUDA, with loss scaling).
-    compile:          ``torch.compile`` the model for the training step.
+    compile:          None, or a ``torch.compile`` backend for the training step ('inductor', 'aot_eager', ...).
     """
 
     mode: str = "full"
@@ -63,7 +63,7 @@ class TrainConfig:
     amp: Optional[str] = None
     seed: int = 0
     checkpoint_every: int = 0
-    compile: bool = False
+    compile: Optional[str] = None
 
     def validate(self) -> "TrainConfig":
         if self.mode not in MODES:
@@ -89,6 +89,9 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {self.amp!r}")
+        if self.compile is not None and not (isinstance(self.compile, str) and self.compile):
+            raise ValueError(f"compile must be a torch.compile backend name (e.g. 'inductor') or None, "
+                             f"got {self.compile!r}")
         if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
                 or self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
@@ -181,7 +184,7 @@ class Trainer:
                 ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
                 net = DistributedDataParallel(net, device_ids=ids)
             if self.config.compile:
-                net = torch.compile(net)
+                net = torch.compile(net, backend=self.config.compile)
             self._net = net
         return self._net
 

@@ -20,11 +20,21 @@ from torch import nn
 from .. import zoo
 from ..tasks.base import ArrayDataset
 from ..tasks.offline import _image_collate, _stratified_take, _text_collate, bbc_split
+from .loop import TrainConfig
 from .models import EncoderClassifier
 
-__all__ = ["OfflineSetup", "OFFLINE_TASKS", "offline_setup"]
+__all__ = ["OfflineSetup", "OFFLINE_TASKS", "RECIPES", "offline_setup"]
 
 OFFLINE_TASKS = ("text", "image")
+
+# The demonstration's fixed recipes (docs/training.md), chosen before any run and never tuned on a test split:
+# merge setting, subset sizes (image: per class; test 0 = the whole split) and training settings.
+RECIPES = {
+    "text": dict(algorithm="pitome_text", ratio=0.7, train=600, test=500, config=TrainConfig(
+        mode="full", epochs=1, batch_size=16, lr=5e-5, head_lr=5e-3, warmup=0.1)),
+    "image": dict(algorithm="pitome", ratio=0.8, train=50, test=50, config=TrainConfig(
+        mode="last-k", last_k=2, epochs=1, batch_size=16, lr=5e-5, head_lr=5e-3, warmup=0.1)),
+}
 
 
 @dataclass
