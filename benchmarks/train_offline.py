@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from pitome.stats import paired_bootstrap
-from pitome.tasks.engine import MergeSpec, set_seed
+from pitome.setting import MergeSetting
+from pitome.tasks.engine import set_seed
 from pitome.train import TrainConfig, Trainer, correct, evaluate
 from pitome.train.offline import RECIPES, offline_setup
 
@@ -38,14 +39,14 @@ def run(task: str, train: int, test: int, epochs: int, log: bool = True) -> dict
     recipe = RECIPES[task]
     config = TrainConfig(**{**recipe["config"].__dict__, "epochs": epochs})
     setup = offline_setup(task, train, test)
-    merged = MergeSpec.make(recipe["algorithm"], ratio=recipe["ratio"])
-    unmerged = MergeSpec.make(None)
+    merged = MergeSetting.make(recipe["algorithm"], ratio=recipe["ratio"])
+    unmerged = MergeSetting.make(None)
     say = print if log else (lambda *_: None)
     say(f"{setup.name}: {setup.info}\nrecipe: {config}\nmerge: {merged.label}")
     out: dict = {"task": setup.name, "info": setup.info, "config": config.__dict__, "merge": merged.label,
                  "threads": torch.get_num_threads()}
 
-    def arm(name: str, spec: MergeSpec) -> tuple[torch.nn.Module, dict]:
+    def arm(name: str, spec: MergeSetting) -> tuple[torch.nn.Module, dict]:
         set_seed(config.seed)
         model = setup.build()
         start = time.perf_counter()
@@ -57,7 +58,7 @@ def run(task: str, train: int, test: int, epochs: int, log: bool = True) -> dict
         return model, {"steps": len(steps), "seconds": seconds, "median_samples_per_s": statistics.median(rates),
                        "losses": [s.loss for s in steps]}
 
-    def score(model: torch.nn.Module, spec: MergeSpec, label: str) -> tuple[torch.Tensor, dict]:
+    def score(model: torch.nn.Module, spec: MergeSetting, label: str) -> tuple[torch.Tensor, dict]:
         result = evaluate(model, setup.test, setup.collate, 16, spec, text=setup.text, batches=setup.test_batches)
         hits = correct(result)
         row = {"accuracy": 100 * float(hits.mean()), "gflops": result.gflops, "items_per_s": result.items_per_s,

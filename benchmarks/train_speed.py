@@ -23,7 +23,8 @@ import torch
 
 import pitome
 from pitome.flops import block_macs, encoder_shape
-from pitome.tasks.engine import MergeSpec, set_seed
+from pitome.setting import MergeSetting
+from pitome.tasks.engine import set_seed
 from pitome.train import Trainer, patch_target, trainable_blocks
 from pitome.train.offline import RECIPES, offline_setup
 
@@ -45,7 +46,7 @@ def measure(task: str, reps: int, steps: int, batch_size: int) -> dict:
     order = list(range(len(setup.train)))
     batches = [setup.collate([setup.train[i] for i in order[k * batch_size:(k + 1) * batch_size]])
                for k in range(steps)]
-    arms = {"unmerged": MergeSpec.make(None), "merged": MergeSpec.make(recipe["algorithm"], ratio=recipe["ratio"])}
+    arms = {"unmerged": MergeSetting.make(None), "merged": MergeSetting.make(recipe["algorithm"], ratio=recipe["ratio"])}
     rates: dict[str, list[float]] = {name: [] for name in arms}
     tokens: dict[str, list[int]] = {}
     model.train()

@@ -10,7 +10,7 @@ pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
 import pitome  # noqa: E402
-from pitome.tasks.engine import MergeSpec  # noqa: E402
+from pitome.setting import MergeSetting  # noqa: E402
 from pitome.train import TrainConfig, Trainer, epoch_batches, logits_of, call_model, set_trainable  # noqa: E402
 from train_models import BUILDERS, FAMILIES, TensorItems, batch, tiny_timm_vit  # noqa: E402
 
@@ -51,7 +51,7 @@ def test_train_step_through_every_algorithm(algorithm):
     model = tiny_timm_vit()
     inputs, labels = batch("timm_vit", 8)
     trainer = Trainer(model, TrainConfig(mode="full", batch_size=8, lr=1e-3, seed=0),
-                      MergeSpec.make(algorithm, ratio=0.8, seed=0))
+                      MergeSetting.make(algorithm, ratio=0.8, seed=0))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     steps = trainer.fit(TensorItems(inputs, labels), TensorItems.collate)
     assert len(steps) == 1 and steps[0].tokens_per_layer[-1] < steps[0].tokens_per_layer[0]
@@ -65,7 +65,7 @@ def test_bf16_autocast_step_is_finite():
     model = tiny_timm_vit()
     inputs, labels = batch("timm_vit", 8)
     trainer = Trainer(model, TrainConfig(mode="full", batch_size=8, lr=1e-3, amp="bf16"),
-                      MergeSpec.make("pitome", ratio=0.8))
+                      MergeSetting.make("pitome", ratio=0.8))
     steps = trainer.fit(TensorItems(inputs, labels), TensorItems.collate)
     assert torch.isfinite(torch.tensor(steps[0].loss))
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
@@ -79,7 +79,7 @@ def _run(tmp_path, resume: bool, family: str = "timm_vit", kill_after: int = 0) 
     model = BUILDERS[family]()
     inputs, labels = batch(family, 8)
     config = TrainConfig(mode="last-k", last_k=2, batch_size=4, epochs=2, lr=1e-3, seed=3, checkpoint_every=1)
-    trainer = Trainer(model, config, MergeSpec.make("pitome", ratio=0.8), checkpoint_dir=tmp_path)
+    trainer = Trainer(model, config, MergeSetting.make("pitome", ratio=0.8), checkpoint_dir=tmp_path)
 
     def kill(log) -> None:
         if kill_after and log.step + 1 == kill_after:
@@ -104,7 +104,7 @@ def test_resume_continues_the_same_trajectory(tmp_path, family):
 def test_resume_refuses_other_settings(tmp_path):
     _run(tmp_path, resume=False)
     model = tiny_timm_vit()
-    trainer = Trainer(model, TrainConfig(mode="full", batch_size=4, epochs=2, lr=1e-3, seed=3), MergeSpec.make("pitome", ratio=0.8),
+    trainer = Trainer(model, TrainConfig(mode="full", batch_size=4, epochs=2, lr=1e-3, seed=3), MergeSetting.make("pitome", ratio=0.8),
                       checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="mode: 'last-k' -> 'full'"):
         trainer.fit(TensorItems(*batch("timm_vit", 8)), TensorItems.collate, resume=True)

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("timm")
 
 from pitome.tasks.distributed import init_from_env, spawn_local  # noqa: E402
-from pitome.tasks.engine import MergeSpec  # noqa: E402
+from pitome.setting import MergeSetting  # noqa: E402
 from pitome.train import TrainConfig, Trainer  # noqa: E402
 from train_models import TensorItems, batch, tiny_timm_vit  # noqa: E402
 
@@ -19,7 +19,7 @@ def _trajectory(compile_backend: str | None = None) -> tuple[list[float], list[t
     ctx = init_from_env("cpu")
     model = tiny_timm_vit(dropout=0.0)  # dropout streams differ per process by design
     config = TrainConfig(mode="full", batch_size=4, epochs=2, max_steps=3, lr=1e-3, seed=0, compile=compile_backend)
-    trainer = Trainer(model, config, MergeSpec.make("pitome", ratio=0.8), ctx=ctx)
+    trainer = Trainer(model, config, MergeSetting.make("pitome", ratio=0.8), ctx=ctx)
     history = trainer.fit(TensorItems(*batch("timm_vit", 8)), TensorItems.collate)
     ctx.close()
     return [h.loss for h in history], [p.detach().clone() for p in model.parameters()]

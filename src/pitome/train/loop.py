@@ -1,7 +1,7 @@
 """A small, plain training loop for patched models: merging on while training, exact resume, DDP, autocast.
 
 Why not a framework: the loop is ~100 lines, and owning it keeps what matters here exact and visible — the
-merge setting is applied around the whole run (``MergeSpec.applied``), a K-process run sees the same global
+merge setting is applied around the whole run (``MergeSetting.applied``), a K-process run sees the same global
 batches as a 1-process run (each global batch is split across ranks, DDP averages the gradients), and a resumed
 run continues the same trajectory (batch order is a function of seed and epoch; optimizer, scheduler, scaler and
 every rank's RNG state are checkpointed). HF Trainer needs ``accelerate`` and owns the loop; see
@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from ..tasks.base import dataloader_factory, fixed_batches
 from ..tasks.distributed import DistContext
-from ..tasks.engine import EvalModel, MergeSpec, PassResult, _to_device, progress_bar, run_pass
+from ..setting import MergeSetting
+from ..tasks.engine import EvalModel, PassResult, _to_device, progress_bar, run_pass
 from .freeze import MODES, classifier_head, set_trainable
 from .models import call_model, logits_of, patch_target
 
@@ -132,13 +133,13 @@ def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 class Trainer:
     """Fine-tune ``model`` (a classifier returning logits) under one merge setting.
 
-    spec:  the merge setting while training (``MergeSpec.make(None)`` = unmerged); applied to
+    spec:  the merge setting while training (``MergeSetting()`` = unmerged); applied to
            ``patch_target(model)`` for the whole run, removed afterwards.
     ctx:   the process group (``tasks.distributed.init_from_env``); K processes train one model with DDP.
     checkpoint_dir: where ``checkpoint.pt`` goes (None = no checkpoints).
     """
 
-    def __init__(self, model: nn.Module, config: TrainConfig, spec: Optional[MergeSpec] = None,
+    def __init__(self, model: nn.Module, config: TrainConfig, spec: Optional[MergeSetting] = None,
                  ctx: Optional[DistContext] = None, checkpoint_dir: Optional[Path] = None,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
                  progress: bool = False) -> None:
@@ -146,7 +147,7 @@ class Trainer:
         self.ctx = ctx or DistContext()
         if config.batch_size % self.ctx.world:
             raise ValueError(f"batch_size {config.batch_size} does not split evenly over {self.ctx.world} processes")
-        self.model, self.spec = model, spec or MergeSpec.make(None)
+        self.model, self.spec = model, spec or MergeSetting()
         self.target = patch_target(model)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.loss_fn, self.progress = loss_fn, progress
@@ -321,7 +322,7 @@ def _sequence_length(inputs: Any) -> int:
 
 
 def evaluate(model: nn.Module, dataset: Any, collate: Callable[[list], tuple[Any, Tensor]], batch_size: int,
-             spec: Optional[MergeSpec] = None, ctx: Optional[DistContext] = None, progress: bool = False,
+             spec: Optional[MergeSetting] = None, ctx: Optional[DistContext] = None, progress: bool = False,
              text: bool = False, batches: Optional[list[list[int]]] = None) -> PassResult:
     """Logits of every item under ``spec`` (per-item MACs and wall time included); ``text``: padded inputs."""
     model.eval()
@@ -329,7 +330,7 @@ def evaluate(model: nn.Module, dataset: Any, collate: Callable[[list], tuple[Any
                           seq_len=_sequence_length if text else None)
     return run_pass(evaluator, dataloader_factory(dataset, collate),
                     batches if batches is not None else fixed_batches(len(dataset), batch_size),
-                    spec or MergeSpec.make(None), ctx, progress)
+                    spec or MergeSetting(), ctx, progress)
 
 
 def correct(result: PassResult) -> Tensor:
