@@ -41,3 +41,52 @@ def test_compiled_training_step_follows_eager():
     compiled_losses, compiled_params = _trajectory("aot_eager")  # forward and backward graphs traced, no codegen
     assert max(abs(a - b) for a, b in zip(compiled_losses, eager_losses)) <= 1e-5
     assert max(float((a - b).abs().max()) for a, b in zip(compiled_params, eager_params)) <= 1e-5
+
+
+def _image_folder(root, classes: int = 3, per_class: int = 4):
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_pitome_train_three_steps_end_to_end(tmp_path, capsys):
+    import json
+
+    from pitome.cli import main
+    from pitome.results import ResultsFolder
+
+    data = _image_folder(tmp_path / "images")
+    argv = ["train", "image-classification", "--model", "tiny-vit", "--data", str(data), "--max-steps", "3",
+            "--batch-size", "4", "--algorithms", "tome", "--r", "8", "--mode", "last-k", "--last-k", "2",
+            "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress",
+            "--checkpoint-every", "1"]
+    assert main(argv) == 0
+    folder = next((tmp_path / "out").iterdir())
+    rows = ResultsFolder.read_rows(folder)
+    assert [r["evaluated_with"] for r in rows] == ["tome r=8", "unmerged"]
+    assert rows[0]["gflops"] < rows[1]["gflops"] and rows[0]["items"] == 12 and rows[0]["steps"] == 3
+    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in log] == [0, 1, 2] and log[0]["tokens_per_layer"] == [65, 57, 49, 41, 33]
+    assert (folder / "checkpoint.pt").is_file() and (folder / "model.pt").is_file()
+    assert "results ->" in capsys.readouterr().out
+    # resuming a finished run trains nothing more and evaluates the same model again
+    assert main(argv + ["--resume", str(folder)]) == 0
+    again = ResultsFolder.read_rows(folder)
+    assert again[2]["accuracy"] == rows[0]["accuracy"] and again[2]["steps"] == 3
+
+
+def test_pitome_train_refuses_bad_input_before_loading(tmp_path, capsys):
+    from pitome.cli import main
+
+    assert main(["train", "image-classification", "--model", "tiny-vit", "--data", str(tmp_path / "missing")]) == 2
+    assert main(["train", "--mode", "last-k", "--last-k", "0"]) == 2
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and "no such file or folder" in lines[0] and "no checkpoint.pt" in lines[2]

@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("pitome.tasks.cli", "accuracy and fidelity against FLOPs on real tasks (offline by default)"),
     "spectrum": ("pitome.spectral_cli", "spectral distance of the token graph per block, per algorithm"),
     "visualize": ("pitome.vis_cli", "pictures of which tokens merged"),
+    "train": ("pitome.train.cli", "fine-tune with merging on, then evaluate with and without merging"),
 }
 
 
