@@ -140,3 +140,31 @@ def test_epoch_batches_are_seeded_and_drop_the_partial_batch():
     assert first == epoch_batches(10, 4, seed=0, epoch=0) and len(first) == 2
     assert first != epoch_batches(10, 4, seed=0, epoch=1)
     assert len({i for b in first for i in b}) == 8
+
+
+@pytest.mark.parametrize("name", ["train_deit_s_imagenet.yaml", "train_bert_sst2.yaml"])
+def test_paper_training_configs_validate(name):
+    from pathlib import Path
+
+    from pitome.cli import build_parser
+    from pitome.train import cli
+
+    config = Path(__file__).resolve().parent.parent / "configs" / name
+    args = build_parser("train").parse_args(["train", "--config", str(config), "--epochs", "2"])
+    cli._apply_config(args)
+    assert args.epochs == 2, "the command line wins over the config"
+    setting = cli._setting(args, args.task == "text-classification", None)
+    assert setting.merges and cli._config(args, None).mode == "full"
+
+
+def test_config_keys_and_values_are_checked(tmp_path):
+    from pitome.cli import build_parser
+    from pitome.cli.errors import UserError
+    from pitome.train import cli
+
+    for text, match in (("lrr: 1", "unknown key 'lrr'"), ("ratios: [1.5]", "keep-ratio"), ("mode: half", "mode")):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        args = build_parser("train").parse_args(["train", "--config", str(path)])
+        with pytest.raises(UserError, match=match):
+            cli._apply_config(args)

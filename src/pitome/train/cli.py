@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  pitome train --resume pitome-results/20261130-090000-train-offline-text   # continue a killed run\n"
         "  torchrun --nproc_per_node 2 -m pitome.cli train offline-image\n")
     parser.add_argument("task", nargs="?", choices=TASKS, default=None, help="what to train (default offline-text)")
+    parser.add_argument("--config", metavar="FILE", help="YAML/JSON file of flag values (keys = flag names); the "
+                                                        "command line wins; configs/train_*.yaml hold the paper's")
     add_model_flags(parser, default=None, what="classifier to fine-tune (image-/text-classification): ")
     add_merge_flags(parser, ratios_default=(0.9,), algorithms_default="pitome (pitome_text for text); offline "
                                                                       "tasks: their recipe")
@@ -84,6 +86,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--eval-batch-size", type=positive_int, default=32)
     add_runtime_flags(parser)
     add_output_flags(parser)
+    _ACTIONS.clear()
+    _ACTIONS.update({a.dest: a for a in parser._actions if a.dest not in ("help", "config")})
+
+
+_ACTIONS: dict[str, argparse.Action] = {}  # flag destination -> its argparse action (for --config files)
+_DOCUMENTATION = ("description", "paper", "notes", "paper_results")
+
+
+def _apply_config(args: argparse.Namespace) -> None:
+    """Fill the flags the command line left at their defaults from ``--config`` (values checked like flags)."""
+    path = Path(args.config)
+    if not path.is_file():
+        raise UserError(f"--config {args.config}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except ImportError:
+        raise UserError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use a .json config") from None
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
+        raise UserError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} "
+                        f"({one_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config is a mapping of flag names to values")
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest in _DOCUMENTATION:
+            continue
+        action = _ACTIONS.get(dest)
+        if action is None:
+            raise UserError(f"{path}: unknown key {key!r}; keys are flag names: {', '.join(sorted(_ACTIONS))}")
+        if getattr(args, dest) != action.default:
+            continue  # the command line wins
+        setattr(args, dest, _config_value(path, key, value, action))
+
+
+def _config_value(path: Path, key: str, value: Any, action: argparse.Action) -> Any:
+    """A config value through the flag's own type check and choices (lists for multi-value flags)."""
+    multiple = action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction)
+    if isinstance(action, argparse._AppendAction) and isinstance(value, dict):
+        value = [f"{k}={json.dumps(v)}" for k, v in value.items()]
+    items = value if isinstance(value, list) else [value]
+    if not multiple and isinstance(value, list):
+        raise UserError(f"{path}: {key} takes one value, got a list")
+    out = []
+    for item in items:
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(item, bool):
+                raise UserError(f"{path}: {key} is true or false, got {item!r}")
+            return item
+        if action.type is not None:
+            try:
+                item = action.type(item if isinstance(item, str) else json.dumps(item) if isinstance(item, (dict, list))
+                                   else str(item))
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                raise UserError(f"{path}: {key}: {one_line(exc)}") from None
+        if action.choices is not None and item not in action.choices:
+            raise UserError(f"{path}: {key} must be one of {list(action.choices)}, got {item!r}")
+        out.append(item)
+    return out if multiple else out[0]
 
 
 # --- validation (nothing loads before this passes) -------------------------------------------------------
@@ -147,6 +213,8 @@ def _check_sources(args: argparse.Namespace, task: str) -> None:
 
 
 def _validate(args: argparse.Namespace) -> tuple[str, Any, Any]:
+    if getattr(args, "config", None):
+        _apply_config(args)
     task = args.task or "offline-text"
     text = task in ("offline-text", "text-classification")
     recipe = _recipe(task)
