@@ -285,13 +285,17 @@ def test_budgets_follow_the_token_count_of_each_input(make_vit, images):
         assert pitome.info(model).tokens_per_layer == [65, 59, 54, 49, 45]
 
 
-def test_gradient_checkpointing_is_refused_while_merging(make_vit, images):
+def test_gradient_checkpointing_keeps_merging_on(make_vit, images):
+    """Checkpointed blocks merge like the others (gradients: tests/test_train_checkpointing.py)."""
     model = make_vit()
     pitome.patch(model, ratio=0.9)
-    model.set_grad_checkpointing(True)
     model.train()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        model(images(1))
+    plain = model(images(2))
+    model.set_grad_checkpointing(True)
+    out = model(images(2))
+    assert torch.allclose(out, plain, atol=1e-6)
+    assert pitome.info(model).tokens_per_layer[-1] < pitome.info(model).tokens_per_layer[0]
+    out.sum().backward()
 
 
 def test_attention_pool_head_weighs_a_merged_token_as_its_copies(make_vit, images):

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
+import dataclasses
 import functools
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -21,7 +24,7 @@ from .algorithms.base import MergeRequest
 from .config import MergeSettings
 from .plan import MergePlan, compaction_plan
 
-__all__ = ["AdapterState", "ForwardState", "MergeInfo", "RootKey", "activate", "current_state", "record_merges",
+__all__ = ["AdapterState", "ForwardState", "remember_entry", "replay", "MergeInfo", "RootKey", "activate", "current_state", "record_merges",
            "MergeTimer", "merge_timing", "log_size_bias"]
 
 
@@ -35,12 +38,15 @@ class RootKey:
 
     ``traced`` holds the state of a forward being traced by torch.compile (dynamo cannot trace
     ContextVar.set; a compiled graph has no Python state at run time, so this slot is only used while tracing).
+    ``replay`` holds, while activation checkpointing is on, the state each block entered with, keyed by the
+    block's input tensor (see ``remember_entry`` / ``replay``).
     """
 
-    __slots__ = ("traced",)
+    __slots__ = ("traced", "replay")
 
     def __init__(self) -> None:
         self.traced: Optional["ForwardState"] = None
+        self.replay: dict[tuple, "ForwardState"] = {}
 
 
 _ACTIVE: contextvars.ContextVar[dict] = contextvars.ContextVar("pitome_active_states", default={})
@@ -165,6 +171,9 @@ class ForwardState:
     frozen_count: Optional[int] = None
     # the adapter's own per-forward fields (one typed slot; a dataclass, so torch.compile traces it)
     adapter: Optional[AdapterState] = None
+    # activation checkpointing is on (set by the root): blocks remember the state they enter with, so their
+    # recomputation in the backward pass rebuilds the same merge plans
+    checkpointing: bool = False
 
     # -- per block ----------------------------------------------------------------------------------
     # Every patched block calls begin_block on entry and end_block on exit. Everything a block changes lives in
@@ -176,6 +185,18 @@ class ForwardState:
                                     or (self.adapter is not None and self.adapter.needs_source)):
             self.source = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         self.tokens_per_layer.append(x.shape[1])
+
+    def snapshot(self) -> "ForwardState":
+        """A copy a block can run from again (activation checkpointing): the same sizes, masks, source map and
+        adapter fields (tensors are replaced, never changed in place, so sharing them is safe), its own lists,
+        and a generator at the same position (seeded baselines draw the same numbers again)."""
+        generator = None
+        if self.generator is not None:
+            generator = torch.Generator(device=self.generator.device)
+            generator.set_state(self.generator.get_state())
+        return dataclasses.replace(self, tokens_per_layer=list(self.tokens_per_layer),
+                                   source_history=list(self.source_history), generator=generator,
+                                   adapter=copy.copy(self.adapter))
 
     def end_block(self, layer: int, x: Tensor) -> Tensor:
         """Record the block's output token count (the last one is ``info().tokens_per_layer[-1]``)."""
@@ -370,5 +391,38 @@ def activate(key: RootKey, settings: MergeSettings, device: Optional[torch.devic
     token = _ACTIVE.set({**_ACTIVE.get(), key: state})
     try:
         yield state, True
+    finally:
+        _ACTIVE.reset(token)
+
+
+# --- activation checkpointing ---------------------------------------------------------------------------------
+# A checkpointed block runs twice: in the forward (under the forward's state) and again in the backward pass, when
+# autograd recomputes it from its saved input — outside any forward. The first run remembers a copy of the state
+# the block entered with, keyed by the input tensor (the recomputation gets that tensor, or a detached alias of its
+# storage); the second runs from a copy of it and so rebuilds the same plans. An entry lives as long as its tensor.
+
+def _entry_key(x: Tensor) -> tuple:
+    return (x.data_ptr(), x.device, x.dtype, tuple(x.shape), tuple(x.stride()))
+
+
+def remember_entry(key: RootKey, x: Tensor, state: ForwardState) -> None:
+    """Keep a copy of ``state`` for the block that starts from ``x`` (until ``x`` is freed)."""
+    entry = _entry_key(x)
+    key.replay[entry] = state.snapshot()
+    weakref.finalize(x, key.replay.pop, entry, None)
+
+
+@contextlib.contextmanager
+def replay(key: RootKey, x: Tensor) -> Iterator[Optional[ForwardState]]:
+    """Outside a forward: the state remembered for a block starting from ``x`` (a fresh copy, active for the
+    block's hooks for the duration), or None when there is none (the block runs unmerged, as the library's)."""
+    saved = key.replay.get(_entry_key(x)) if key.replay else None
+    if saved is None:
+        yield None
+        return
+    state = saved.snapshot()
+    token = _ACTIVE.set({**_ACTIVE.get(), key: state})
+    try:
+        yield state
     finally:
         _ACTIVE.reset(token)

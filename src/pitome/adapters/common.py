@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MergeSettings
-from ..step import AdapterState, ForwardState, RootKey, activate
+from ..step import AdapterState, ForwardState, RootKey, activate, remember_entry, replay
 from .base import clear_tags, get_tag, root_state, set_tags, swap_class
 
 __all__ = ["class_names", "original_class", "original_name", "tag", "swap", "bind_root", "model_device",
-           "store_info", "relay_info", "RootMixin", "PatchedBlock", "check_no_checkpointing", "as_additive",
+           "store_info", "relay_info", "RootMixin", "PatchedBlock", "uses_checkpointing", "run_block", "as_additive",
            "split_heads_mean", "first_token_attention", "received_attention", "attention_mode", "intermediates_mode",
            "taken_blocks", "intermediates_unmerged", "IntermediatesState", "intermediates_state", "bind_call"]
 
@@ -68,12 +68,13 @@ def model_device(model: nn.Module) -> Optional[torch.device]:
 
 class PatchedBlock:
     """Mixin for a block (B, N, C first argument): the library's own forward outside a merge state; inside one,
-    ``_pitome_block`` (the block with its merge step) between the state's begin_block and end_block."""
+    ``_pitome_block`` (the block with its merge step) between the state's begin_block and end_block. Activation
+    checkpointing: see ``run_block``."""
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        state = root_state(self)
-        if state is None:
-            return super().forward(x, *args, **kwargs)
+        return run_block(self, x, self._pitome_body, super().forward, *args, **kwargs)
+
+    def _pitome_body(self, state: ForwardState, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         layer = get_tag(self, "layer")
         state.begin_block(layer, x)
         return state.end_block(layer, self._pitome_block(state, layer, x, *args, **kwargs))
@@ -81,6 +82,28 @@ class PatchedBlock:
     def _pitome_block(self, state: ForwardState, layer: int, x: Tensor, *args: Any,
                       **kwargs: Any) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def run_block(module: nn.Module, x: Tensor, body: Callable[..., Any], plain: Callable[..., Any], *args: Any,
+              **kwargs: Any) -> Any:
+    """Run a patched block: ``body(state, x, ...)`` inside a forward; ``plain(x, ...)`` (the library's own forward)
+    outside one — except while autograd recomputes a checkpointed block: then ``body`` runs from a copy of the
+    state the block entered with (remembered in the forward), so it rebuilds the same merge plans, and the state
+    it leaves is remembered for the next block of the same checkpointed segment."""
+    state = root_state(module)
+    if state is not None:
+        if state.checkpointing:
+            remember_entry(get_tag(module, "key"), x, state)
+        return body(state, x, *args, **kwargs)
+    key = get_tag(module, "key")
+    if key is None or not key.replay:
+        return plain(x, *args, **kwargs)
+    with replay(key, x) as state:
+        if state is None:
+            return plain(x, *args, **kwargs)
+        out = body(state, x, *args, **kwargs)
+        remember_entry(key, out, state)
+        return out
 
 
 # --- roots: the per-forward owner --------------------------------------------------------------------------------
@@ -102,13 +125,12 @@ def relay_info(outer: nn.Module, inner: nn.Module, call: Callable[[], Any]) -> A
     return out
 
 
-def check_no_checkpointing(model: nn.Module) -> None:
-    if model.training and torch.is_grad_enabled() and any(
-            getattr(m, "gradient_checkpointing", False) is True or getattr(m, "grad_checkpointing", False) is True
-            for m in model.modules()):
-        raise ValueError("pitome: gradient checkpointing is not supported while merging (the recomputation runs "
-                         "outside the forward's merge state); disable it (model.gradient_checkpointing_disable() / "
-                         "model.set_grad_checkpointing(False)) or unpatch")
+def uses_checkpointing(model: nn.Module) -> bool:
+    """Whether this forward will be recomputed block by block in the backward pass (timm ``set_grad_checkpointing``,
+    Hugging Face ``gradient_checkpointing_enable``, open_clip ``set_grad_checkpointing``)."""
+    return model.training and torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
+        getattr(m, "gradient_checkpointing", False) is True or getattr(m, "grad_checkpointing", False) is True
+        for m in model.modules())
 
 
 class RootMixin:
@@ -124,9 +146,9 @@ class RootMixin:
 
     def _pitome_enter(self, state: ForwardState, owner: bool, fn: Callable[..., Any], args: tuple,
                       kwargs: dict) -> None:
-        """Before fn (default: the owner refuses gradient checkpointing)."""
+        """Before fn (default: the owner notes whether blocks will be recomputed by activation checkpointing)."""
         if owner:
-            check_no_checkpointing(self)
+            state.checkpointing = uses_checkpointing(self)
 
     def _pitome_exit(self, state: ForwardState, owner: bool, out: Any) -> Any:
         """After fn: post-process its output (default: unchanged)."""

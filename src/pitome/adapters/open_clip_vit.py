@@ -20,7 +20,7 @@ from ..step import ForwardState, RootKey
 from .base import Adapter, UnsupportedModelError, get_tag, root_state
 from .common import (RootMixin, attention_mode, bind_call, bind_root, class_names, first_token_attention,
                      intermediates_mode, intermediates_state, intermediates_unmerged, received_attention, relay_info,
-                     swap, taken_blocks)
+                     run_block, swap, taken_blocks)
 
 __all__ = ["OpenClipViTAdapter"]
 
@@ -64,9 +64,10 @@ class _PatchedBlock:
 
     def forward(self, q_x: Tensor, k_x: Optional[Tensor] = None, v_x: Optional[Tensor] = None,
                 attn_mask: Optional[Tensor] = None) -> Tensor:
-        state = root_state(self)
-        if state is None:
-            return super().forward(q_x, k_x=k_x, v_x=v_x, attn_mask=attn_mask)
+        return run_block(self, q_x, self._pitome_body, super().forward, k_x=k_x, v_x=v_x, attn_mask=attn_mask)
+
+    def _pitome_body(self, state: ForwardState, q_x: Tensor, k_x: Optional[Tensor] = None,
+                     v_x: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None) -> Tensor:
         if k_x is not None or v_x is not None or attn_mask is not None:
             raise ValueError("pitome: cross-attention inputs (k_x / v_x) and attn_mask are not supported in a patched "
                              "open_clip vision block (merging changes the token count); unpatch the model to use them")
