@@ -102,3 +102,17 @@ def test_open_clip_checkpointing_gives_the_same_gradients():
         assert pitome.info(tower).tokens_per_layer[-1] < pitome.info(tower).tokens_per_layer[0]
         grads.append({n: p.grad.clone() for n, p in tower.named_parameters() if p.grad is not None})
     _assert_same(*grads)
+
+
+@pytest.mark.parametrize("family", ["hf_vit", "hf_clip_vision"])
+def test_hf_vision_checkpointing_gives_the_same_gradients(family):
+    from train_models import BUILDERS
+
+    grads = []
+    for checkpointing in (False, True):
+        model = BUILDERS[family](dropout=0.1).train()
+        pitome.patch(model, "pitome", ratio=0.7)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        grads.append(_gradients(model, family))
+    _assert_same(*grads)
