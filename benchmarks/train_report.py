@@ -15,6 +15,13 @@ def _ci(entry: dict) -> str:
     return f"{entry['diff']:+.1f} [{entry['low']:+.1f}, {entry['high']:+.1f}]"
 
 
+def _verdict(interval: dict) -> str:
+    """'yes' only when the paired interval lies above 0; a positive point estimate alone is not enough."""
+    if interval["low"] > 0:
+        return "yes"
+    return "not shown (interval includes 0)" if interval["diff"] > 0 else "no"
+
+
 def accuracy_table(results: list[dict]) -> str:
     lines = ["| task (merge setting) | A: unmerged fine-tuned | B: off-the-shelf merged | C: fine-tuned with merging "
              "| C evaluated unmerged | drop A − B | gain C − B | C − (A + B)/2 | recovered | ≥ half? |",
@@ -31,17 +38,17 @@ def accuracy_table(results: list[dict]) -> str:
         lines[-1] += (f"{_ci(r['drop_A_minus_B'])} | {_ci(r['gain_C_minus_B'])} | "
                       f"{_ci(r['half_recovery_C_minus_mean_AB'])} | "
                       f"{'-' if recovered is None else f'{100 * recovered:.0f}%'} | "
-                      f"{'yes' if r['half_recovered'] else 'no'} |")
+                      f"{_verdict(r['half_recovery_C_minus_mean_AB'])} |")
     return "\n".join(lines)
 
 
 def speed_table(results: list[dict]) -> str:
-    lines = ["| task (merge setting, trained blocks) | samples/s unmerged | samples/s merged | measured speed-up "
-             "| FLOPs-predicted | measured / predicted | ≥ 0.85? |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task (merge setting, trained blocks) | reps | samples/s unmerged | samples/s merged | measured speed-up "
+             "| FLOPs-predicted | measured / predicted | ≥ 0.85? |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         mode = r["mode"] + (f" {r['last_k']}" if r["mode"] == "last-k" else "")
         ratio = r["measured_over_predicted"]
-        lines.append(f"| {r['task']} ({r['merge']}, {mode}) | {r['samples_per_s']['unmerged']:.2f} "
+        lines.append(f"| {r['task']} ({r['merge']}, {mode}) | {r['reps']} | {r['samples_per_s']['unmerged']:.2f} "
                      f"| {r['samples_per_s']['merged']:.2f} | ×{r['measured_speedup']:.2f} "
                      f"| ×{r['predicted_speedup']:.2f} | {ratio:.2f} | {'yes' if ratio >= 0.85 else 'no'} |")
     return "\n".join(lines)
