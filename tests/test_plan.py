@@ -192,3 +192,72 @@ def test_identity_plan_changes_nothing():
     out, size = plan.merge(x, torch.ones(2, 5))
     torch.testing.assert_close(out, x)
     assert torch.equal(plan.unmerge(out), out)
+
+
+def test_gather_form_agrees_with_the_assignment():
+    """Plans built with equal survivor counts also carry the gather form (rows / dst); merging, summing
+    and masks through it equal the scatter over ``assign`` (merged, dropped, weighted, protected tokens)."""
+    import dataclasses
+
+    batch, tokens, head, merged, drop = 3, 14, 2, 4, 2
+    target = _random_targets(batch, tokens, merged, seed=3, drop=drop)
+    key = torch.rand(batch, tokens, generator=torch.Generator().manual_seed(4))
+    weight = torch.rand(batch, tokens, generator=torch.Generator().manual_seed(6)) + 0.1
+    survivors = tokens - merged - drop
+    for kwargs in (dict(), dict(weight=weight)):
+        fast = build_plan(target, key, head, max_survivors=survivors, min_survivors=survivors, **kwargs)
+        assert fast.rows.shape == (batch * (fast.num_out + 1 + merged + drop),)
+        slow = dataclasses.replace(fast, rows=None, dst=None)
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(batch, head + tokens, 9, generator=g)
+        size = torch.randint(1, 4, (batch, head + tokens), generator=g).float()
+        for size_weighted in (True, False):
+            for s in (size, None):
+                out_fast, size_fast = fast.merge(x, s, size_weighted)
+                out_slow, size_slow = slow.merge(x, s, size_weighted)
+                torch.testing.assert_close(out_fast, out_slow, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(size_fast, size_slow, rtol=0, atol=0)
+        mask = torch.rand(batch, head + tokens, generator=g) > 0.5
+        assert torch.equal(fast.any(mask), slow.any(mask))
+        torch.testing.assert_close(fast.sum(x), slow.sum(x))
+    # slots nobody merged into keep their survivor's features bit for bit (first merge: no sizes yet)
+    fast = build_plan(target, key, head, max_survivors=survivors, min_survivors=survivors)
+    out, _ = fast.merge(x, None)
+    members = torch.zeros(batch, fast.num_out, dtype=torch.long).scatter_add_(
+        1, fast.assign.clamp_min(0), (fast.assign >= 0).long())
+    for b in range(batch):
+        for s in range(fast.num_out):
+            if members[b, s] == 1:
+                i = int((fast.assign[b] == s).nonzero())
+                assert torch.equal(out[b, s], x[b, i])
+
+
+def test_no_gather_form_when_survivor_counts_may_differ():
+    target = _random_targets(2, 10, 3, seed=1)
+    key = torch.rand(2, 10)
+    assert build_plan(target, key, 1, max_survivors=7).rows is None
+    assert build_plan(target, key, 1, max_survivors=7, min_survivors=6).rows is None
+
+
+def test_gather_form_gradients_equal_the_assignments():
+    """Training through a merge: gradients to features and to merge weights are the same in both forms."""
+    import dataclasses
+
+    batch, tokens, head, merged = 2, 12, 1, 4
+    target = _random_targets(batch, tokens, merged, seed=8)
+    key = torch.rand(batch, tokens, generator=torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(10)
+    x0 = torch.randn(batch, head + tokens, 5, generator=g, dtype=torch.float64)
+    w0 = torch.rand(batch, tokens, generator=g, dtype=torch.float64) + 0.5
+    size = torch.randint(1, 4, (batch, head + tokens), generator=g).double()
+    grads = []
+    for gather in (True, False):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        plan = build_plan(target, key, head, weight=w, max_survivors=tokens - merged, min_survivors=tokens - merged)
+        plan = plan if gather else dataclasses.replace(plan, rows=None, dst=None)
+        for s in (None, size):
+            out, _ = plan.merge(x, s)
+            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append((x.grad, w.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])

@@ -3,6 +3,11 @@
 A plan is one integer map ``assign`` of shape (B, N): the output slot of every input token, or -1 when
 the token is dropped (pruning baselines). Every algorithm produces a plan and never touches features;
 the merge step applies the same plan to features, sizes, masks and source maps, and can unmerge.
+
+Speed: when every sample keeps the same number of tokens (no padding differences), builders also give the
+same assignment in gather form (``rows`` / ``dst``), so features merge as one row gather, one scatter-add of
+the R merged-away rows (R = tokens removed) and one division, like ToMe's own gather + scatter_reduce, instead
+of a scatter over all N tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["MergePlan", "build_plan", "compaction_plan", "identity_plan", "stable_argsort"]
+__all__ = ["MergePlan", "build_plan", "compaction_plan", "gather_form", "identity_plan", "layout_plan",
+           "stable_argsort"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,11 @@ class MergePlan:
              baselines that average with other weights than sizes.
     norm:    None, or 'max': every slot with two or more members is rescaled after averaging to the
              largest norm among its members (norm-preserving merge, ToFu's MLERP).
+    rows, dst: optional gather form of ``assign`` (only when no slot is empty). rows (B * W,) flat input
+             rows (b * N + i), W = num_out + 1 + R per sample: the token surviving into each slot, one spare
+             column, then the R tokens merged away or dropped; dst (B, R) the column each of those goes to
+             (its slot, or the spare column num_out when dropped). Builders derive both from the same
+             ordering as ``assign`` (``gather_form``); tests check both forms agree.
     mix:     optional dense (B or 1, num_out, N) linear map, for reductions that are not assignments
              (DCT). When present it replaces the assignment in merge / sum / any / unmerge:
              merge = mix @ x (sizes and weights do not enter the features); sum = P @ t with
@@ -41,6 +52,8 @@ class MergePlan:
     weight: Optional[Tensor] = None
     norm: Optional[str] = None
     mix: Optional[Tensor] = None
+    rows: Optional[Tensor] = None
+    dst: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         if self.norm not in (None, "max"):
@@ -63,6 +76,9 @@ class MergePlan:
         if self.mix is not None:
             out = self._mass().to(t3.dtype) @ t3
             return out.squeeze(-1) if squeeze else out
+        if self.rows is not None:
+            out = self._gathered_sum(self._gather(t3))
+            return out.squeeze(-1) if squeeze else out
         out = t3.new_zeros(t3.shape[0], self.num_out + 1, t3.shape[-1])
         out.scatter_add_(1, self._index(t3.shape[-1]), t3)
         out = out[:, : self.num_out]
@@ -77,23 +93,59 @@ class MergePlan:
         """A slot is set if any member is set (padding masks: a merged token is valid if any member is)."""
         return self.sum(mask.to(torch.float32)) > 0
 
-    def merge(self, x: Tensor, size: Tensor, size_weighted: bool = True) -> tuple[Tensor, Tensor]:
+    def merge(self, x: Tensor, size: Optional[Tensor], size_weighted: bool = True) -> tuple[Tensor, Tensor]:
         """Weighted average of the members of each slot, and the summed sizes.
 
-        x: (B, N, C); size: (B, N) float32. Weights are the sizes (size_weighted) or 1 per token,
-        times ``weight`` if the plan has one. Empty slots get zeros.
+        x: (B, N, C); size: (B, N) float32, or None for all ones (a first merge). Weights are the sizes
+        (size_weighted) or 1 per token, times ``weight`` if the plan has one. Empty slots get zeros.
         """
+        unit_weights = self.weight is None and (size is None or not size_weighted)
+        if self.rows is not None and unit_weights and self.norm is None:  # plain means: no weighing pass
+            num = self._gathered_sum(self._gather(x))
+            width = self.num_out + 1 + self.dst.shape[1]
+            count = self._gathered_sum(torch.ones(x.shape[0], width, 1, dtype=torch.float32, device=x.device))
+            count = count.squeeze(-1)
+            out = num / count.to(x.dtype).unsqueeze(-1)  # every slot has its survivor: count >= 1
+            return out, count if size is None else self.sum(size)
+        if size is None:
+            size = torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)
         if self.mix is not None:
             return self.mix.to(x.dtype) @ x, self.sum(size)
         w = size if size_weighted else torch.ones_like(size)
         if self.weight is not None:
             w = w * self.weight
-        total = self.sum(w)
-        num = self.sum(x * w.to(x.dtype).unsqueeze(-1))
-        out = num / total.to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1)  # empty slots: 0, not 0/0
+        if self.rows is not None:  # gather form: the same formula on gathered rows
+            w_rows = self._gather(w.unsqueeze(-1))
+            num = self._gathered_sum(self._gather(x) * w_rows.to(x.dtype))
+            total = self._gathered_sum(w_rows, in_place=False).squeeze(-1)  # w_rows is saved for gradients
+            out = num / total.to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1)
+        else:
+            total = self.sum(w)
+            num = self.sum(x * w.to(x.dtype).unsqueeze(-1))
+            out = num / total.to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1)  # empty slots: 0, not 0/0
         if self.norm == "max":
             out = self._rescale_to_max_norm(x, out)
-        return out, self.sum(size)
+        same = w is size  # size-weighted without extra weight: the weight totals are the new sizes
+        return out, total if same else self.sum(size)
+
+    def _gather(self, t: Tensor) -> Tensor:
+        """(B, W, C): the rows of t (B, N, C) in gather-form order (survivors, spare, merged-away)."""
+        batch, _, channels = t.shape
+        return t.reshape(-1, channels).index_select(0, self.rows).view(batch, -1, channels)
+
+    def _gathered_sum(self, gathered: Tensor, in_place: bool = True) -> Tensor:
+        """Add the merged-away rows of ``gathered`` (B, W, C) into their slots (in place unless told); returns
+        the slots.
+        (scatter_add, not index_add: the TorchScript ONNX exporter turns index_add into a plain scatter that
+        drops repeated indices, and several tokens merge into one slot.)"""
+        slots = self.num_out + 1
+        index = self.dst.unsqueeze(-1).expand(-1, -1, gathered.shape[-1])
+        head, tail = gathered[:, :slots], gathered[:, slots:]
+        if not in_place or torch.onnx.is_in_onnx_export():  # that exporter loses in-place writes into a view
+            head = head.scatter_add(1, index, tail)
+        else:
+            head.scatter_add_(1, index, tail)
+        return head[:, : self.num_out]
 
     def _rescale_to_max_norm(self, x: Tensor, out: Tensor) -> Tensor:
         """Scale each slot with >= 2 members to its largest member norm (norms in fp32 or wider)."""
@@ -144,6 +196,7 @@ def build_plan(
     valid: Optional[Tensor] = None,
     weight: Optional[Tensor] = None,
     max_survivors: Optional[int] = None,
+    min_survivors: Optional[int] = None,
 ) -> MergePlan:
     """Turn "who merges into whom" into a plan with a deterministic output order.
 
@@ -155,6 +208,8 @@ def build_plan(
                tokens keep the same relative order with or without padding.
     max_survivors: the largest number of survivors in a sample, when the caller knows it (saves a
                device sync); computed otherwise.
+    min_survivors: the smallest, when known; equal to ``max_survivors``, every slot is filled and the plan also
+               carries the gather form (``MergePlan.rows / dst``) for fast merging.
     Leading protected tokens keep slots 0..num_protected-1.
     """
     batch, tokens = target.shape
@@ -177,7 +232,37 @@ def build_plan(
     assign = torch.cat([head, assign_mergeable], dim=1)
     if weight is not None and weight.shape[1] == tokens:
         weight = torch.cat([weight.new_ones(batch, num_protected), weight], dim=1)
-    return MergePlan(assign=assign, num_out=num_out, weight=weight)
+    if min_survivors is None or min_survivors != max_survivors:
+        return MergePlan(assign=assign, num_out=num_out, weight=weight)
+    # gather form: survivors lead ``perm`` (in slot order), the tokens merged away or dropped follow it
+    shifted = perm + num_protected
+    movers = perm[:, max_survivors:]
+    return MergePlan(assign=assign, num_out=num_out, weight=weight,
+                     **gather_form(torch.cat([head, shifted[:, :max_survivors]], dim=1), shifted[:, max_survivors:],
+                                   assign_mergeable.gather(1, movers), num_protected + tokens, num_out))
+
+
+def layout_plan(keep: Tensor, movers: Tensor, dst: Tensor, num_in: int) -> MergePlan:
+    """A plan straight from a layout the algorithm already knows (no sorting): keep (B, num_out) the token
+    surviving into each slot, in slot order (protected tokens first); movers (B, R) every other token; dst
+    (B, R) the slot each mover merges into. Every slot is filled and nothing is dropped (the common case
+    without padding: ToMe, PiToMe)."""
+    batch, num_out = keep.shape
+    assign = torch.empty(batch, num_in, dtype=torch.long, device=keep.device)
+    assign.scatter_(1, keep, torch.arange(num_out, device=keep.device).expand(batch, num_out))
+    assign.scatter_(1, movers, dst)
+    return MergePlan(assign=assign, num_out=num_out, **gather_form(keep, movers, dst, num_in, num_out, drops=False))
+
+
+def gather_form(keep: Tensor, movers: Tensor, dst: Tensor, num_in: int, num_out: int, drops: bool = True
+                ) -> dict[str, Tensor]:
+    """MergePlan's ``rows`` / ``dst`` from per-sample token indices: keep (B, num_out) the token surviving into
+    each slot; movers (B, R) the tokens merged away or dropped; dst (B, R) their slots (-1 = dropped, only
+    when ``drops``)."""
+    batch = keep.shape[0]
+    local = torch.cat([keep, keep[:, :1], movers], dim=1)  # the spare column reads any row: it is discarded
+    rows = (local + torch.arange(0, batch * num_in, num_in, device=keep.device).unsqueeze(1)).flatten()
+    return dict(rows=rows, dst=torch.where(dst < 0, num_out, dst) if drops else dst)
 
 
 def compaction_plan(valid: Tensor) -> Optional[MergePlan]:

@@ -275,8 +275,7 @@ class ForwardState:
 
     @_timed
     def apply(self, layer: int, plan: MergePlan, x: Tensor) -> Tensor:
-        size = self.size if self.size is not None else torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)
-        x, self.size = plan.merge(x, size, self.settings.config.size_weighted)
+        x, self.size = plan.merge(x, self.size, self.settings.config.size_weighted)
         if self.valid is not None:
             self.valid = plan.any(self.valid)
         if self.frozen is not None:

@@ -49,6 +49,11 @@ class MergeRequest:
         r_min = self.r_min if self.r_min is not None else int(self.r.min())
         return self.metric.shape[1] - self.num_protected - r_min
 
+    def fewest_survivors(self) -> int:
+        """Fewest tokens left in one sample (equal to ``survivors()`` when every sample removes the same r:
+        plans then carry their fast gather form)."""
+        return self.metric.shape[1] - self.num_protected - self.r_max
+
     @property
     def mergeable_metric(self) -> Tensor:
         return self.metric[:, self.num_protected :]

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..plan import MergePlan, build_plan, stable_argsort
-from ._matching import inverse_permutation
+from ..plan import MergePlan, build_plan, layout_plan, stable_argsort
+from ._matching import best_edges, inverse_permutation
 from .base import MergeAlgorithm, MergeRequest, register, sorted_desc, unit_rows
 
 __all__ = ["PiToMe", "PiToMeText", "PiToMeBSM", "energy_scores", "similarity_quantile"]
@@ -28,7 +28,7 @@ MATCHINGS = ("protect", "bsm")
 
 def energy_scores(
     sim: Tensor, margin: "float | Tensor", kind: str = "elu", alpha: float = 1.0, valid: Optional[Tensor] = None,
-    overwrite: bool = False,
+    overwrite: bool = False, keys: Optional[Tensor] = None,
 ) -> Tensor:
     """Mean over neighbours j of f(S_ij); padding columns (valid False) are left out of the mean.
 
@@ -40,6 +40,8 @@ def energy_scores(
               factor 1 / (sigma sqrt(2 pi)) is dropped since it does not change the ranking).
 
     overwrite: sim may be used as the work buffer (its values are destroyed); saves one T x T copy.
+    keys:     the rows sim is the Gram matrix of (sim = keys keys^T), when at hand: the row sums of S are then
+              keys_i . sum_j keys_j, O(T d) instead of a pass over T x T.
 
     Speed and memory: the merge step's hot loop, so each T x T pass counts. With c = min(S, m),
     ELU(S - m) = (S - c) + alpha (e^-m e^c - 1) and Eq. (4) = [S >= m] S + alpha (e^-m e^c - 1), so the mean
@@ -54,7 +56,11 @@ def energy_scores(
     if sim.requires_grad and torch.is_grad_enabled():
         return _energy_differentiable(sim, margin, kind, alpha, w)
     if tokens < ENERGY_CHUNK_TOKENS:
-        return _energy_rows(sim if overwrite else sim.clone(), margin, kind, alpha, w)
+        total = None
+        if keys is not None and kind != "gaussian":
+            column_sum = keys.sum(dim=1) if w is None else (w.unsqueeze(1) @ keys).squeeze(1)
+            total = (keys @ column_sum.unsqueeze(-1)).squeeze(-1)
+        return _energy_rows(sim if overwrite else sim.clone(), margin, kind, alpha, w, total)
     step = max(1, ENERGY_CHUNK_ELEMENTS // max(1, sim.shape[0] * tokens))
     parts = [_energy_rows(sim[:, i : i + step].clone(), margin, kind, alpha, w) for i in range(0, rows, step)]
     return torch.cat(parts, dim=-1)
@@ -73,8 +79,9 @@ def _energy_differentiable(sim: Tensor, margin: "float | Tensor", kind: str, alp
     return f.mean(dim=-1) if w is None else (f * w.unsqueeze(1)).sum(dim=-1) / w.sum(dim=-1, keepdim=True).clamp_min(1.0)
 
 
-def _energy_rows(work: Tensor, margin: "float | Tensor", kind: str, alpha: float, w: Optional[Tensor]) -> Tensor:
-    """energy_scores on a block of rows, destroying ``work`` (B, rows, T)."""
+def _energy_rows(work: Tensor, margin: "float | Tensor", kind: str, alpha: float, w: Optional[Tensor],
+                 total: Optional[Tensor] = None) -> Tensor:
+    """energy_scores on a block of rows, destroying ``work`` (B, rows, T); ``total``: its row sums, if known."""
     def row_sum(t: Tensor) -> Tensor:
         return t.sum(dim=-1) if w is None else (t @ w.unsqueeze(-1)).squeeze(-1)
 
@@ -87,7 +94,7 @@ def _energy_rows(work: Tensor, margin: "float | Tensor", kind: str, alpha: float
     if kind == "gaussian":
         work.sub_(1.0).mul_(1.0 / ((1.0 - margin) * math.sqrt(2.0))).square_().neg_().exp_()
         return row_sum(work) / count
-    total = row_sum(work)
+    total = row_sum(work) if total is None else total
     work.clamp_max_(margin)  # c = min(S, m)
     positive = total - row_sum(work)  # sum of relu(S - m)
     if kind == "paper":  # [S >= m] S = relu(S - m) + m [S >= m], and c == m exactly where S >= m
@@ -165,11 +172,16 @@ class PiToMe(MergeAlgorithm):
             margin = self.layer_margin(request.layer, request.num_layers)
             if self.energy == "gaussian" and margin >= 1.0:
                 raise ValueError(f"gaussian energy needs margin < 1 at every layer, got {margin}")
-        energy = energy_scores(sim, margin, self.energy, self.alpha, request.valid, overwrite=True)
+        energy = energy_scores(sim, margin, self.energy, self.alpha, request.valid, overwrite=True, keys=k)
         del sim  # now the energy's work buffer; the matching recomputes the few similarities it needs from k
         if cand is not None:
             energy = energy.masked_fill(~cand, float("-inf"))
         order = sorted_desc(energy)
+        if cand is None and request.r_min == request.r_max:  # no padding, one r: the layout is known, no sorting
+            if self.matching == "bsm":
+                return _bipartite_layout(k, order, request.r_max, request.num_protected)
+            if self.split != "random":
+                return _protected_layout(k, order, request.r_max, self.split, request.num_protected)
         if self.matching == "protect":
             draws = _split_draws(request, 2 * request.r_max) if self.split == "random" else None
             target, key = _protected_matching(k, order, request.r, request.r_max, self.split, draws)
@@ -178,7 +190,8 @@ class PiToMe(MergeAlgorithm):
         if cand is not None:
             positions = torch.arange(tokens, device=k.device, dtype=key.dtype)
             key = torch.where(cand, key, 2 * tokens + positions)
-        return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors())
+        return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors(),
+                          min_survivors=request.fewest_survivors())
 
 
 def similarity_quantile(sim: Tensor, q: float, valid: Optional[Tensor] = None) -> Tensor:
@@ -242,6 +255,41 @@ def _protected_matching(k: Tensor, order: Tensor, r: Tensor, r_max: int, split: 
     is_dst.scatter_(1, b_idx, active)
     key = torch.where(is_dst, rank + tokens, rank)
     return target, key
+
+
+def _protected_layout(k: Tensor, order: Tensor, r: int, split: str, num_protected: int) -> MergePlan:
+    """Full PiToMe when every sample removes the same r and nothing is padded: the plan straight from the
+    energy order, as ``_protected_matching`` + ``build_plan`` lay it out (the protected tokens by energy rank,
+    then the B tokens by energy rank; every A token merges into its most similar B token)."""
+    batch, tokens = order.shape
+    h = num_protected
+    a_idx, b_idx = (order[:, 0 : 2 * r : 2], order[:, 1 : 2 * r : 2]) if split == "alternate" else \
+        (order[:, :r], order[:, r : 2 * r])
+    dst = (_rows(k, a_idx) @ _rows(k, b_idx).transpose(1, 2)).argmax(dim=-1) + (h + tokens - 2 * r)
+    shifted = order + h  # sequence indices
+    b_seq = shifted[:, 1 : 2 * r : 2] if split == "alternate" else shifted[:, r : 2 * r]
+    a_seq = shifted[:, 0 : 2 * r : 2] if split == "alternate" else shifted[:, :r]
+    keep = torch.cat([_head(batch, h, order.device), shifted[:, 2 * r :], b_seq], dim=1)
+    return layout_plan(keep, a_seq, dst, h + tokens)
+
+
+def _bipartite_layout(k: Tensor, order: Tensor, r: int, num_protected: int) -> MergePlan:
+    """pitome_bsm when every sample removes the same r and nothing is padded: the plan straight from the
+    matching, as ``_bipartite_over_energy`` + ``build_plan`` lay it out (unmerged A tokens by descending best
+    match, then B tokens)."""
+    batch, tokens = order.shape
+    h = num_protected
+    a_idx, b_idx = order[:, 0::2], order[:, 1::2]
+    edges, best = best_edges(_rows(k, a_idx) @ _rows(k, b_idx).transpose(1, 2), r)
+    a_seq = a_idx.gather(1, edges) + h  # A tokens by descending best match, as sequence indices
+    dst = best + (h + a_idx.shape[1] - r)
+    keep = torch.cat([_head(batch, h, order.device), a_seq[:, r:], b_idx + h], dim=1)
+    return layout_plan(keep, a_seq[:, :r], dst, h + tokens)
+
+
+def _head(batch: int, num_protected: int, device: torch.device) -> Tensor:
+    """(B, h) the protected tokens' indices: they keep the leading slots."""
+    return torch.arange(num_protected, device=device).expand(batch, num_protected)
 
 
 def _bipartite_over_energy(k: Tensor, order: Tensor, r: Tensor, cand: Optional[Tensor]) -> tuple[Tensor, Tensor]:

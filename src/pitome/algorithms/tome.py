@@ -19,8 +19,8 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from ..plan import MergePlan, build_plan, stable_argsort
-from ._matching import inverse_permutation
+from ..plan import MergePlan, build_plan, layout_plan, stable_argsort
+from ._matching import best_edges, inverse_permutation
 from .base import MergeAlgorithm, MergeRequest, register, sorted_desc, unit_rows
 
 __all__ = ["ToMe", "bipartite_soft_matching"]
@@ -56,6 +56,22 @@ def bipartite_soft_matching(k: Tensor, r: Tensor, cand_sorted: Optional[Tensor],
     return target, key
 
 
+def _bipartite_layout(k: Tensor, r: int, num_protected: int) -> MergePlan:
+    """``bipartite_soft_matching`` + ``build_plan`` when nothing is padded and every sample removes the same r:
+    the plan straight from the matching (the A / B split is fixed, so laying it out needs one small sort)."""
+    batch, tokens, _ = k.shape
+    h = num_protected
+    first_a = h % 2
+    a, b = k[:, first_a::2], k[:, 1 - first_a :: 2]
+    edges, best = best_edges(a @ b.transpose(1, 2), r)
+    a_seq = edges * 2 + (h + first_a)  # A tokens by descending best match, as sequence indices
+    kept = a_seq[:, r:].sort(dim=1).values if h > 0 else a_seq[:, r:]  # with a class token: by position
+    b_seq = torch.arange(h + 1 - first_a, h + tokens, 2, device=k.device).expand(batch, -1)
+    head = torch.arange(h, device=k.device).expand(batch, h)
+    keep = torch.cat([head, kept, b_seq], dim=1)
+    return layout_plan(keep, a_seq[:, :r], best + (h + a.shape[1] - r), h + tokens)
+
+
 @register
 @dataclass
 class ToMe(MergeAlgorithm):
@@ -69,6 +85,8 @@ class ToMe(MergeAlgorithm):
         batch, tokens, _ = k.shape
         h = request.num_protected
         cand = request.candidates
+        if cand is None and request.r_min == request.r_max:  # no padding, one r: the layout is known
+            return _bipartite_layout(k, request.r_max, h)
         if cand is None:
             target, key = bipartite_soft_matching(k, request.r, None, h)
         else:
@@ -82,4 +100,5 @@ class ToMe(MergeAlgorithm):
             key.scatter_(1, perm, key_p)
             positions = torch.arange(tokens, device=k.device, dtype=key.dtype)
             key = torch.where(cand, key, 2 * tokens + positions)
-        return build_plan(target, key, h, request.valid, max_survivors=request.survivors())
+        return build_plan(target, key, h, request.valid, max_survivors=request.survivors(),
+                          min_survivors=request.fewest_survivors())
