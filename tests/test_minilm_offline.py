@@ -12,6 +12,8 @@ import torch
 
 import pitome
 
+pytestmark = pytest.mark.slow  # compile / export / real assets / processes: minutes
+
 pytest.importorskip("transformers")
 zoo = pytest.importorskip("pitome.zoo")
 

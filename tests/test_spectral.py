@@ -172,6 +172,7 @@ def test_cli_synthetic_writes_table(tmp_path) -> None:
     assert "pitome vs tome: lower / tie / higher" in (tmp_path / "spectrum_synthetic.md").read_text()
 
 
+@pytest.mark.slow
 def test_model_distances_equal_budgets(make_vit, images) -> None:
     from pitome.spectral_cli import Subject, format_model_tables, model_distances
 
@@ -189,6 +190,7 @@ def test_model_distances_equal_budgets(make_vit, images) -> None:
     assert "| 0 | 64 → 52 |" in table and "| sum |" in table
 
 
+@pytest.mark.slow
 def test_cli_model_mode_writes_table_and_plot(tmp_path) -> None:
     pytest.importorskip("timm")
     pytest.importorskip("skimage")
