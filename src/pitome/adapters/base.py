@@ -15,14 +15,13 @@ from ..config import MergeSettings
 from ..step import ForwardState, RootKey, current_state
 
 __all__ = ["Adapter", "UnsupportedModelError", "swap_class", "restore_class", "is_swapped", "root_state",
-           "remove_hooks", "get_tag", "set_tags", "clear_tags", "TAGS", "ATTRS"]
+           "remove_hooks", "get_tag", "set_tags", "clear_tags", "TAGS"]
 
 # Tags pitome stores on a patched module (in its __dict__, so nn.Module's attribute machinery never sees them and
 # deep copies / pickles carry them): key = the model's RootKey, layer = block index, settings = MergeSettings,
 # adapter = the Adapter that patched the model, last = the latest forward's MergeInfo; adapters may add their own.
 TAGS = ("key", "layer", "settings", "adapter", "last")
 _PREFIX = "_pitome_"
-ATTRS = tuple(_PREFIX + name for name in TAGS)  # the attribute names (api.py pops them; prefer clear_tags)
 
 
 def get_tag(module: nn.Module, name: str, default: Any = None) -> Any:
