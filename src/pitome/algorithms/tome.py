@@ -13,7 +13,6 @@ With padding, positions count real tokens only, so a padded sequence splits exac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
@@ -57,7 +56,6 @@ def bipartite_soft_matching(k: Tensor, r: Tensor, cand_sorted: Optional[Tensor],
 
 
 @register
-@dataclass
 class ToMe(MergeAlgorithm):
     """No options: the budget comes from the schedule (fixed r as ToMe, or a keep-ratio)."""
 
