@@ -7,6 +7,7 @@ swaps the original class back. Adapters never contain a merging algorithm.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, ClassVar, Optional
 
 from torch import nn
@@ -95,10 +96,30 @@ def swapped_class(mixin: type, original: type) -> type:
     """The cached class ``mixin + original``; it pickles by its two (importable) parents, not by name."""
     key = (mixin, original)
     if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"PiToMe{original.__name__}", (mixin, original),
-                                {"_pitome_original_class": original, "_pitome_mixin": mixin,
-                                 "__module__": original.__module__, "__reduce_ex__": _reduce_swapped})
+        namespace = {"_pitome_original_class": original, "_pitome_mixin": mixin,
+                     "__module__": original.__module__, "__reduce_ex__": _reduce_swapped}
+        forward = getattr(mixin, "forward", None)
+        if forward is not None and _takes_anything(forward) and callable(getattr(original, "forward", None)):
+            namespace["forward"] = _with_signature(forward, original.forward)
+        _SUBCLASSES[key] = type(f"PiToMe{original.__name__}", (mixin, original), namespace)
     return _SUBCLASSES[key]
+
+
+def _takes_anything(fn: Callable[..., Any]) -> bool:
+    """Whether fn is ``(self, *args, **kwargs)``: a pass-through that hides the parameters it forwards."""
+    kinds = [p.kind for p in list(inspect.signature(fn).parameters.values())[1:]]
+    return kinds == [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]
+
+
+def _with_signature(fn: Callable[..., Any], like: Callable[..., Any]) -> Callable[..., Any]:
+    """fn showing the signature of ``like``: tools that bind inputs by name (torch.export's
+    ``dynamic_shapes={"x": ...}``, ``inspect.signature``) see the original forward's parameters."""
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return fn(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.signature(like)  # type: ignore[attr-defined]
+    forward.__doc__ = fn.__doc__
+    return forward
 
 
 def _reduce_swapped(self: nn.Module, protocol: int) -> tuple:
