@@ -13,7 +13,7 @@ import time
 import torch
 
 import pitome
-from pitome.flops import EncoderShape
+from pitome.flops import EncoderShape, encoder_macs
 from pitome.solver import ModelCost, match_flops
 
 

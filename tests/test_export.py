@@ -11,6 +11,8 @@ import torch
 
 import pitome
 
+pytestmark = pytest.mark.slow  # compile / export / real assets / processes: minutes
+
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 

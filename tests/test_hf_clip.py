@@ -129,6 +129,7 @@ def test_siglip_pooling_head_weighs_merged_tokens_by_size(pixels: torch.Tensor) 
     assert not torch.allclose(out.pooler_output, naive, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 def test_clip_model_vision_and_optional_text_tower(impl: str, pixels: torch.Tensor, text) -> None:
     ids, mask = text

@@ -97,6 +97,7 @@ def test_ratio_one_roberta_relatives(family):
 
 # --- padding invariance with merging on -------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_padding_invariance(family, backend):

@@ -240,6 +240,7 @@ def test_attention_mask_with_merging_is_refused(pixels: torch.Tensor) -> None:
         model(pixels, attention_mask=mask)
 
 
+@pytest.mark.slow
 def test_real_dinov2_small_is_exact_at_ratio_one() -> None:
     zoo = pytest.importorskip("pitome.zoo")
     try:

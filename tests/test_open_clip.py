@@ -126,6 +126,7 @@ def test_flops_of_a_patched_tower_match_the_flop_counter():
     assert abs(total - counted) <= 0.02 * counted
 
 
+@pytest.mark.slow
 def test_bench_takes_openclip_names():
     from pitome.bench import BenchOptions, Variant, bench, load_model
 
@@ -143,6 +144,7 @@ def test_bench_takes_openclip_names():
     assert merged["tokens_per_layer"][-1] < 17 and merged["gflops"] < rows["unpatched"]["gflops"]
 
 
+@pytest.mark.slow
 def test_eval_retrieval_runs_on_an_openclip_model(tmp_path):
     """`pitome eval retrieval --model openclip:<arch>` (random weights: no tag, so nothing is downloaded): the image
     tower is patched and its GFLOPs drop; captions come from a Karpathy-format file."""
@@ -170,6 +172,7 @@ def test_eval_retrieval_runs_on_an_openclip_model(tmp_path):
     assert by_algorithm["pitome"]["gflops"] < by_algorithm["unmerged"]["gflops"]
 
 
+@pytest.mark.slow
 def test_timm_towers_of_open_clip_models_are_patched_through_their_trunk():
     model = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None, force_image_size=64).eval()
     x = torch.randn(2, 3, 64, 64)

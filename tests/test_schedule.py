@@ -35,6 +35,7 @@ def test_predicted_deit_s_counts():
     assert counts[12] == 60
 
 
+@pytest.mark.slow
 def test_deit_s_tokens_entering_each_block():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
@@ -78,6 +79,7 @@ def test_resolve_budgets_errors(kwargs, match):
         resolve_budgets(3, **kwargs)
 
 
+@pytest.mark.slow
 def test_fixed_r_and_per_layer_lists_in_a_model(make_vit, images):
     model, x = make_vit(), images(1)
     assert _counts(model, x, algorithm="tome", r=5) == [65, 60, 55, 50, 45]
@@ -94,6 +96,7 @@ def test_layers_selects_the_merging_blocks(make_vit, images):
     assert [layer.merges for layer in settings.layers] == [False, False, False, True]
 
 
+@pytest.mark.slow
 def test_budget_that_rounds_to_zero_is_a_noop(make_vit, images):
     model, x = make_vit(), images(2)
     with torch.no_grad():

@@ -35,6 +35,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMED)
 def test_named_deit_models_equal_unpatched_with_merging_off(name, images):
     model, x = _named(name), images(1, size=224)
@@ -150,6 +151,7 @@ def test_fused_and_explicit_attention_agree_with_proportional_attention(make_vit
     assert _max_diff(no_prop, explicit) > 1e-5, "prop_attn must reach the attention"
 
 
+@pytest.mark.slow
 def test_batch_equals_each_sample_alone(make_vit, images):
     model, x = make_vit(qk_norm=True, reg_tokens=1), images(3)
     for kwargs in (dict(ratio=0.7), dict(algorithm="tome", r=12), dict(preset="deit", ratio=0.8)):

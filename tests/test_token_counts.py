@@ -43,6 +43,7 @@ def test_the_prediction_knows_each_algorithms_cap():
     assert pitome.predict_token_counts(budgets, 65, 1, algorithm="tome") == [65, 33, 17, 9, 5]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", BUDGETS, ids=_label)
 @pytest.mark.parametrize("algorithm", pitome.available_algorithms())
 def test_padded_text_counts_per_sample_equal_the_prediction(algorithm, budget):

@@ -104,6 +104,7 @@ def test_text_groups_ansi_and_html() -> None:
     assert "title='the dog'" in page and "title='##s &lt;b&gt;'" in page
 
 
+@pytest.mark.slow
 def test_cli_writes_png_of_expected_size(tmp_path) -> None:
     pytest.importorskip("timm")
     pytest.importorskip("skimage")
@@ -123,6 +124,7 @@ def test_cli_writes_png_of_expected_size(tmp_path) -> None:
               "--out", str(out)])
 
 
+@pytest.mark.slow
 def test_text_model_merged_words(tmp_path, capsys) -> None:
     zoo = pytest.importorskip("pitome.zoo")
     pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 from torch import nn
 
 from .adapters import find_adapter
-from .adapters.base import ATTRS
+from .adapters.base import TAGS, clear_tags, get_tag, set_tags
 from .config import MergeConfig, MergeSettings, build_config, resolve
 from .schedule import RatioSpec, RSpec
 from .step import MergeInfo
@@ -60,7 +60,7 @@ def apply(model: nn.Module, config: MergeConfig) -> nn.Module:
     if is_patched(model):
         unpatch(model)
     adapter.patch(model, merge_settings)
-    model.__dict__["_pitome_adapter"] = adapter
+    set_tags(model, adapter=adapter)
     return model
 
 
@@ -70,18 +70,17 @@ def _check_model(model: object) -> None:
 
 
 def is_patched(model: nn.Module) -> bool:
-    return "_pitome_adapter" in getattr(model, "__dict__", {})
+    return isinstance(model, nn.Module) and get_tag(model, "adapter") is not None
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Give the model back exactly: original classes, no hooks, no extra attributes."""
     _check_model(model)
-    adapter = model.__dict__.get("_pitome_adapter")
+    adapter = get_tag(model, "adapter")
     if adapter is None:
         return model
     adapter.unpatch(model)
-    for attr in ATTRS:
-        model.__dict__.pop(attr, None)
+    clear_tags(model, *TAGS)
     return model
 
 
@@ -102,14 +101,14 @@ def settings(model: nn.Module) -> MergeSettings:
     """The resolved per-block settings of a patched model."""
     if not is_patched(model):
         raise ValueError("model is not patched; call pitome.patch(model, ...) first")
-    return model.__dict__["_pitome_settings"]
+    return get_tag(model, "settings")
 
 
 def info(model: nn.Module) -> MergeInfo:
     """Token counts per block, sizes and (with trace_source) the source map of the latest forward."""
     if not is_patched(model):
         raise ValueError("model is not patched; call pitome.patch(model, ...) first")
-    last = model.__dict__.get("_pitome_last")
+    last = get_tag(model, "last")
     if last is None:
         raise ValueError("no forward has run since the model was patched")
     return last

@@ -7,6 +7,7 @@ swaps the original class back. Adapters never contain a merging algorithm.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, ClassVar, Optional
 
 from torch import nn
@@ -15,14 +16,13 @@ from ..config import MergeSettings
 from ..step import ForwardState, RootKey, current_state
 
 __all__ = ["Adapter", "UnsupportedModelError", "swap_class", "restore_class", "is_swapped", "root_state",
-           "remove_hooks", "get_tag", "set_tags", "clear_tags", "TAGS", "ATTRS"]
+           "remove_hooks", "get_tag", "set_tags", "clear_tags", "TAGS"]
 
 # Tags pitome stores on a patched module (in its __dict__, so nn.Module's attribute machinery never sees them and
 # deep copies / pickles carry them): key = the model's RootKey, layer = block index, settings = MergeSettings,
 # adapter = the Adapter that patched the model, last = the latest forward's MergeInfo; adapters may add their own.
 TAGS = ("key", "layer", "settings", "adapter", "last")
 _PREFIX = "_pitome_"
-ATTRS = tuple(_PREFIX + name for name in TAGS)  # the attribute names (api.py pops them; prefer clear_tags)
 
 
 def get_tag(module: nn.Module, name: str, default: Any = None) -> Any:
@@ -96,10 +96,30 @@ def swapped_class(mixin: type, original: type) -> type:
     """The cached class ``mixin + original``; it pickles by its two (importable) parents, not by name."""
     key = (mixin, original)
     if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"PiToMe{original.__name__}", (mixin, original),
-                                {"_pitome_original_class": original, "_pitome_mixin": mixin,
-                                 "__module__": original.__module__, "__reduce_ex__": _reduce_swapped})
+        namespace = {"_pitome_original_class": original, "_pitome_mixin": mixin,
+                     "__module__": original.__module__, "__reduce_ex__": _reduce_swapped}
+        forward = getattr(mixin, "forward", None)
+        if forward is not None and _takes_anything(forward) and callable(getattr(original, "forward", None)):
+            namespace["forward"] = _with_signature(forward, original.forward)
+        _SUBCLASSES[key] = type(f"PiToMe{original.__name__}", (mixin, original), namespace)
     return _SUBCLASSES[key]
+
+
+def _takes_anything(fn: Callable[..., Any]) -> bool:
+    """Whether fn is ``(self, *args, **kwargs)``: a pass-through that hides the parameters it forwards."""
+    kinds = [p.kind for p in list(inspect.signature(fn).parameters.values())[1:]]
+    return kinds == [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]
+
+
+def _with_signature(fn: Callable[..., Any], like: Callable[..., Any]) -> Callable[..., Any]:
+    """fn showing the signature of ``like``: tools that bind inputs by name (torch.export's
+    ``dynamic_shapes={"x": ...}``, ``inspect.signature``) see the original forward's parameters."""
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return fn(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.signature(like)  # type: ignore[attr-defined]
+    forward.__doc__ = fn.__doc__
+    return forward
 
 
 def _reduce_swapped(self: nn.Module, protocol: int) -> tuple:

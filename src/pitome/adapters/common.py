@@ -20,8 +20,9 @@ from .base import clear_tags, get_tag, root_state, set_tags, swap_class
 
 __all__ = ["class_names", "original_class", "original_name", "tag", "swap", "bind_root", "model_device",
            "store_info", "relay_info", "RootMixin", "PatchedBlock", "uses_checkpointing", "run_block", "as_additive",
-           "split_heads_mean", "first_token_attention", "received_attention", "attention_mode", "intermediates_mode",
-           "taken_blocks", "intermediates_unmerged", "IntermediatesState", "intermediates_state", "bind_call"]
+           "split_heads_mean", "first_token_attention", "received_attention", "mean_attention", "attention_mode",
+           "intermediates_mode", "taken_blocks", "intermediates_unmerged", "IntermediatesState", "intermediates_state",
+           "bind_call"]
 
 
 # --- names, tags, swapping ----------------------------------------------------------------------------------
@@ -180,28 +181,50 @@ def split_heads_mean(projection: Tensor, num_heads: int) -> Tensor:
 
 def first_token_attention(query0: Tensor, keys: Tensor, num_heads: int, scaling: float,
                           mask: Optional[Tensor]) -> Tensor:
-    """(B, N) attention that token 0 pays to every token, averaged over heads, in float32.
+    """(B, N) attention that token 0 pays to every token, averaged over heads, in float32 (float64 kept).
 
     query0: (B, 1, H*d) query projection of token 0; keys: (B, N, H*d); mask: additive or bool layer mask,
     (B, 1, Q, N) or (B, 1, 1, N), or None. For algorithms that rank tokens by [CLS] attention.
     """
-    return _attention_received(query0, keys, num_heads, scaling, None if mask is None else mask[:, :, :1, :])
+    return received_attention(query0, keys, num_heads, scaling, None if mask is None else mask[:, :, :1, :])
 
 
 def received_attention(queries: Tensor, keys: Tensor, heads: int, scaling: float, mask: Optional[Tensor]) -> Tensor:
-    """(B, N) attention each token receives, averaged over heads and over all query tokens, in float32."""
-    return _attention_received(queries, keys, heads, scaling, mask)
-
-
-def _attention_received(queries: Tensor, keys: Tensor, heads: int, scaling: float, mask: Optional[Tensor]) -> Tensor:
+    """(B, N) attention each token receives, averaged over heads and over all query tokens, in float32
+    (float64 kept). queries: (B, Q, H*d), keys: (B, N, H*d), mask as for ``first_token_attention``."""
     batch, tokens, width = keys.shape
-    q = queries.float().view(batch, -1, heads, width // heads).transpose(1, 2)  # (B, H, Q, d)
-    k = keys.float().view(batch, tokens, heads, width // heads).transpose(1, 2)  # (B, H, N, d)
-    logits = (q @ k.transpose(-1, -2)) * scaling
-    mask = as_additive(mask, torch.float32)
-    if mask is not None:
-        logits = logits + mask.float()
-    return logits.softmax(dim=-1).mean(dim=(1, 2))
+    q = queries.view(batch, -1, heads, width // heads).transpose(1, 2)  # (B, H, Q, d)
+    k = keys.view(batch, tokens, heads, width // heads).transpose(1, 2)  # (B, H, N, d)
+    wide = torch.promote_types(keys.dtype, torch.float32)
+    return mean_attention(q, k, scaling, as_additive(mask, wide), wide)
+
+
+# Attention logits materialised at once by mean_attention (16 MiB in float32): without a bound, 'mean' attention
+# (MCTF) at 4,097 tokens held heads x T x T probabilities twice beside the fused attention (~800 MB for ViT-S).
+ATTENTION_CHUNK_ELEMENTS = 1 << 22
+
+
+def mean_attention(q: Tensor, k: Tensor, scaling: float, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """(B, N) softmax(q k^T * scaling + bias) averaged over heads and queries, in ``dtype``; q: (B, H, Q, d),
+    k: (B, H, N, d), bias: additive, broadcastable to (B, H, Q, N). Blocks of query rows bound the memory to
+    ~ATTENTION_CHUNK_ELEMENTS logits; a single block (short sequences) is the plain formula."""
+    batch, heads, queries, _ = q.shape
+    kt = k.to(dtype).transpose(-2, -1)
+    rows = max(1, ATTENTION_CHUNK_ELEMENTS // max(1, batch * heads * kt.shape[-1]))
+    if queries <= rows:
+        return _attention_probs(q.to(dtype), kt, scaling, bias).mean(dim=(1, 2))
+    total = q.new_zeros((batch, kt.shape[-1]), dtype=dtype)
+    for start in range(0, queries, rows):
+        part = bias if bias is None or bias.dim() < 2 or bias.shape[-2] == 1 else bias[..., start:start + rows, :]
+        total = total + _attention_probs(q[:, :, start:start + rows].to(dtype), kt, scaling, part).sum(dim=(1, 2))
+    return total / (heads * queries)
+
+
+def _attention_probs(q: Tensor, kt: Tensor, scaling: float, bias: Optional[Tensor]) -> Tensor:
+    logits = (q @ kt) * scaling
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    return logits.softmax(dim=-1)
 
 
 def attention_mode(state: ForwardState, layer: int) -> Optional[str]:

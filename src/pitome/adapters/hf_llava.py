@@ -264,7 +264,7 @@ class _LlavaGenerationRoot(HFRoot):
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if kwargs.get("pixel_values") is None or input_ids is None:
             return super().generate(input_ids, generation_config, **kwargs)
-        call = _encode_and_shorten(self.model, self, dict(kwargs, input_ids=input_ids))
+        call = _encode_and_shorten(self.model, dict(kwargs, input_ids=input_ids))
         new_ids = call.pop("input_ids")
         call.pop("pixel_values", None)
         call.pop("labels", None)

@@ -20,7 +20,7 @@ from ..config import MergeSettings
 from ..step import ForwardState, RootKey, log_size_bias
 from .base import Adapter, UnsupportedModelError, get_tag, pitome_hook, root_state
 from .common import (IntermediatesState, PatchedBlock, RootMixin, attention_mode, bind_call, bind_root, class_names,
-                     intermediates_mode, intermediates_unmerged, swap, tag, taken_blocks)
+                     intermediates_mode, intermediates_unmerged, mean_attention, swap, tag, taken_blocks)
 
 __all__ = ["TimmViTAdapter"]
 
@@ -70,11 +70,7 @@ def _capture_attention(module: nn.Module, args: tuple, output: Tensor) -> None:
         return
     q = query[:, :, :1] if mode == "cls" else query
     wide = torch.promote_types(output.dtype, torch.float32)  # fp32 at least; float64 kept (exact gradients)
-    logits = (q.to(wide) @ output.to(wide).transpose(-2, -1)) * output.shape[-1] ** -0.5
-    bias = state.size_bias(wide)
-    if bias is not None:
-        logits = logits + bias
-    state.attention = logits.softmax(dim=-1).mean(dim=(1, 2))
+    state.attention = mean_attention(q, output, output.shape[-1] ** -0.5, state.size_bias(wide), wide)
 
 
 class _PatchedBlock(PatchedBlock):

@@ -92,6 +92,12 @@ def check_int(value: object, name: str, minimum: int) -> int:
     return int(value)
 
 
+def check_choice(value: object, name: str, allowed: tuple) -> object:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
 def check_bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")

@@ -123,9 +123,12 @@ ALGORITHMS: dict[str, type[MergeAlgorithm]] = {}
 
 
 def register(cls: type[MergeAlgorithm]) -> type[MergeAlgorithm]:
-    """Make an algorithm selectable by its ``name`` (a class decorator; each algorithm file registers itself)."""
+    """Make an algorithm selectable by its ``name`` (a class decorator; each algorithm file registers itself).
+    The class becomes a dataclass of its options unless it already is one itself (``@register @dataclass`` works)."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a non-empty 'name'")
+    if "__dataclass_fields__" not in vars(cls):
+        cls = dataclass(cls)
     ALGORITHMS[cls.name] = cls
     return cls
 

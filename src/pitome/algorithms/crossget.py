@@ -14,7 +14,6 @@ a dual encoder wired through the adapter); the matching here is CrossGET's singl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -27,7 +26,6 @@ __all__ = ["CrossGET"]
 
 
 @register
-@dataclass
 class CrossGET(MergeAlgorithm):
     """No options: the budget comes from the schedule."""
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from ..plan import MergePlan
-from ._matching import candidates_or_all
+from ._matching import candidates_or_all, check_choice
 from .base import MergeAlgorithm, MergeRequest, register
 
 __all__ = ["DCT", "dct_matrix", "reduction_matrix"]
@@ -56,7 +55,6 @@ def reduction_matrix(n: int, m: int, norm: str = "ortho") -> Tensor:
 
 
 @register
-@dataclass
 class DCT(MergeAlgorithm):
     """norm: 'ortho' (orthonormal DCT pair, as described) or 'mean' (rescaled so constants stay constant)."""
 
@@ -66,8 +64,7 @@ class DCT(MergeAlgorithm):
     norm: str = "ortho"
 
     def __post_init__(self) -> None:
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        check_choice(self.norm, "norm", NORMS)
 
     def max_removable(self, candidates: "Tensor | int") -> "Tensor | int":
         """Down to a single (DC) coefficient."""

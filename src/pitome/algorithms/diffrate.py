@@ -14,7 +14,6 @@ initialisation from a keep-ratio (``init_kept_num_using_ratio``) does.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -29,7 +28,6 @@ __all__ = ["DiffRate"]
 
 
 @register
-@dataclass
 class DiffRate(MergeAlgorithm):
     """prune_fraction: share of each block's budget that is pruned (rounded half up); the rest is merged."""
 

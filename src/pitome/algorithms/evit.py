@@ -10,7 +10,6 @@ after the kept tokens. With ``size_weighted`` (default) the weights are attentio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -25,15 +24,14 @@ __all__ = ["EViT"]
 
 
 @register
-@dataclass
 class EViT(MergeAlgorithm):
     """fuse: fuse the inattentive tokens into one (True, EViT) or drop them (False)."""
+
+    fuse: bool = True
 
     name: ClassVar[str] = "evit"
     needs_attention: ClassVar[bool] = True
     summary: ClassVar[str] = "EViT: keep the tokens the class token attends to, fuse the rest into one"
-
-    fuse: bool = True
 
     def __post_init__(self) -> None:
         check_bool(self.fuse, "fuse")

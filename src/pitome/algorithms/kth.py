@@ -8,7 +8,6 @@ T - ceil(T / k) tokens, whatever the offset (ToMe offers it for removing many to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -22,7 +21,6 @@ __all__ = ["KthSplit"]
 
 
 @register
-@dataclass
 class KthSplit(MergeAlgorithm):
     """k: every k-th token is a destination (B); k = 2 is ToMe's alternating split."""
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
@@ -47,7 +46,6 @@ def _power(tau: Optional[float]) -> float:
 
 
 @register
-@dataclass
 class MCTF(MergeAlgorithm):
     """Options (the paper's and official defaults).
 

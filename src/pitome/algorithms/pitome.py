@@ -8,7 +8,6 @@ split into A and B; each A token merges into its most similar B token; the other
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..plan import MergePlan, build_plan, layout_plan, stable_argsort
-from ._matching import best_edges, inverse_permutation
+from ._matching import best_edges, check_choice, inverse_permutation
 from .base import MergeAlgorithm, MergeRequest, register, sorted_desc, unit_rows
 
 __all__ = ["PiToMe", "PiToMeText", "PiToMeBSM", "energy_scores", "similarity_quantile"]
@@ -49,8 +48,7 @@ def energy_scores(
     (values equal the plain formulas to float rounding, ~1e-7). For long sequences
     (T >= ENERGY_CHUNK_TOKENS) row chunks bound the work buffer to ~ENERGY_CHUNK_ELEMENTS.
     """
-    if kind not in ENERGIES:
-        raise ValueError(f"energy must be one of {ENERGIES}, got {kind!r}")
+    check_choice(kind, "energy", ENERGIES)
     w = None if valid is None else valid.to(sim.dtype)
     rows, tokens = sim.shape[-2], sim.shape[-1]
     if sim.requires_grad and torch.is_grad_enabled():
@@ -104,7 +102,6 @@ def _energy_rows(work: Tensor, margin: "float | Tensor", kind: str, alpha: float
 
 
 @register
-@dataclass
 class PiToMe(MergeAlgorithm):
     """Options.
 
@@ -133,12 +130,9 @@ class PiToMe(MergeAlgorithm):
     margin_quantile: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if self.energy not in ENERGIES:
-            raise ValueError(f"energy must be one of {ENERGIES}, got {self.energy!r}")
-        if self.split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
-        if self.matching not in MATCHINGS:
-            raise ValueError(f"matching must be one of {MATCHINGS}, got {self.matching!r}")
+        check_choice(self.energy, "energy", ENERGIES)
+        check_choice(self.split, "split", SPLITS)
+        check_choice(self.matching, "matching", MATCHINGS)
         for key in ("margin", "alpha"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -319,7 +313,6 @@ def _bipartite_over_energy(k: Tensor, order: Tensor, r: Tensor, cand: Optional[T
 
 
 @register
-@dataclass
 class PiToMeText(PiToMe):
     """The official text variant (BERT / DistilBERT): Gaussian energy, top-r / next-r split, m_l = 0.9 - 0.25 l/L."""
 
@@ -333,7 +326,6 @@ class PiToMeText(PiToMe):
 
 
 @register
-@dataclass
 class PiToMeBSM(PiToMe):
     """Energy-ordered bipartite soft matching without protection (the official code's ``pitome_bsm``)."""
 

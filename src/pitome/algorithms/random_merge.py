@@ -12,14 +12,13 @@ position is shared by the whole batch, so a batch merges like each of its sample
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from ..plan import MergePlan, build_plan, stable_argsort
-from ._matching import bipartite_key, candidates_or_all, check_int, cosine, inverse_permutation, match_into
+from ._matching import bipartite_key, candidates_or_all, check_choice, check_int, cosine, inverse_permutation, match_into
 from .base import MergeAlgorithm, MergeRequest, register
 
 __all__ = ["RandomMerge"]
@@ -28,7 +27,6 @@ MATCHES = ("random", "similar")
 
 
 @register
-@dataclass
 class RandomMerge(MergeAlgorithm):
     """match: 'random' (random pairs) or 'similar' (best match on a random split); seed: used without a
     generator from ``patch(seed=...)``."""
@@ -40,8 +38,7 @@ class RandomMerge(MergeAlgorithm):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.match not in MATCHES:
-            raise ValueError(f"match must be one of {MATCHES}, got {self.match!r}")
+        check_choice(self.match, "match", MATCHES)
         check_int(self.seed, "seed", 0)
 
     def _draws(self, request: MergeRequest, tokens: int) -> tuple[Tensor, Tensor]:

@@ -9,11 +9,10 @@ the tokens it combines, so merging does not shrink the token norms the following
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 from ..plan import MergePlan, build_plan
-from ._matching import bipartite_key, candidates_or_all, check_int, cosine, kth_split, match_into
+from ._matching import bipartite_key, candidates_or_all, check_choice, check_int, cosine, kth_split, match_into
 from .base import MergeAlgorithm, MergeRequest, register
 
 __all__ = ["ToFu"]
@@ -22,7 +21,6 @@ MODES = ("auto", "prune", "mlerp")
 
 
 @register
-@dataclass
 class ToFu(MergeAlgorithm):
     """Options.
 
@@ -39,8 +37,7 @@ class ToFu(MergeAlgorithm):
     merge_from: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        check_choice(self.mode, "mode", MODES)
         if self.merge_from is not None:
             check_int(self.merge_from, "merge_from", 0)
 

@@ -13,7 +13,6 @@ With padding, positions count real tokens only, so a padded sequence splits exac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
@@ -73,7 +72,6 @@ def _bipartite_layout(k: Tensor, r: int, num_protected: int) -> MergePlan:
 
 
 @register
-@dataclass
 class ToMe(MergeAlgorithm):
     """No options: the budget comes from the schedule (fixed r as ToMe, or a keep-ratio)."""
 
