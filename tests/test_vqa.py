@@ -217,3 +217,54 @@ def test_eval_vqa_cli_every_benchmark(name: str, tiny_llava: Path, tmp_path: Pat
     assert all(isinstance(r[primary], float) for r in rows)
     assert rows[0]["visual_tokens"] == 64 > rows[1]["visual_tokens"]
     assert rows[0]["prefill_gflops"] > rows[1]["prefill_gflops"] > 0
+
+
+def test_cli_errors_are_one_line_before_any_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = write_benchmark("gqa", tmp_path, count=2)
+    base = ["eval", "vqa", "--model", f"hf:{tmp_path / 'no-model-here'}", "--no-progress", "--out", str(tmp_path)]
+    assert _run_cli(base + ["--benchmark", "okvqa", "--data", str(data)]) == 2
+    assert _run_cli(base + ["--benchmark", "gqa", "--data", str(data)]) == 2  # images are in images/
+    assert _run_cli(base + ["--benchmark", "gqa", "--data", str(data), "--images", str(tmp_path / "images"),
+                            "--prompt-template", "chatml"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and "okvqa" in errors[0] and "n0.jpg" in errors[1] and "chatml" in errors[2]
+
+
+def test_llava_next_is_refused_with_what_is_supported(tmp_path: Path) -> None:
+    from pitome.tasks.vqa import load_llava
+
+    transformers.LlavaNextConfig().save_pretrained(tmp_path)  # a config is enough: refused before weights load
+    with pytest.raises(ValueError, match=r"'llava_next'.*any-resolution.*LlavaForConditionalGeneration"):
+        load_llava(f"hf:{tmp_path}")
+
+
+def _replies_in(folders: tuple) -> list:
+    """Each process: the tiny LLaVA on the synthetic POPE files, unmerged and PiToMe; the gathered rows."""
+    from pitome.tasks.distributed import init_from_env
+    from pitome.tasks.sweep import build_specs, run_sweep
+    from pitome.tasks.vqa import VQATask, load_llava
+
+    model_folder, data_folder = folders
+    torch.set_num_threads(1)
+    ctx = init_from_env("cpu")
+    model, processor = load_llava(f"hf:{model_folder}")
+    items = load_vqa_items("pope", str(Path(data_folder)), str(Path(data_folder) / "val2014"))
+    task = VQATask("tiny pope", model, processor, "pope", items, batch_size=3, max_new_tokens=2)
+    rows = run_sweep([task], build_specs(["pitome"], [0.7]), ctx)
+    ctx.close()
+    return [{k: r[k] for k in ("algorithm", "f1", "accuracy", "yes_ratio", "visual_tokens", "gflops", "items")}
+            for r in rows]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tiny_llava: Path, tmp_path: Path) -> None:
+    from pitome.tasks.distributed import spawn_local
+
+    data = write_benchmark("pope", tmp_path, count=4)
+    threads = torch.get_num_threads()
+    try:
+        single = _replies_in((str(tiny_llava), str(data)))
+    finally:
+        torch.set_num_threads(threads)
+    double = spawn_local(_replies_in, 2, (str(tiny_llava), str(data)))
+    assert double[0] == double[1] == single

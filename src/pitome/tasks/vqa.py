@@ -22,7 +22,7 @@ from .engine import EvalModel, PassResult
 from .vqa_data import BENCHMARKS, VQAItem, question_prompt, render_prompt
 from .vqa_metrics import gqa_accuracy, mme_scores, pope_metrics, scienceqa_accuracy, vqa_accuracy
 
-__all__ = ["VQATask", "load_llava", "score_replies", "PRIMARY", "DEFAULT_MAX_NEW_TOKENS"]
+__all__ = ["VQATask", "load_llava", "build_vqa_task", "score_replies", "PRIMARY", "DEFAULT_MAX_NEW_TOKENS"]
 
 PRIMARY = {"vqav2": "accuracy", "gqa": "accuracy", "vizwiz": "accuracy", "textvqa": "accuracy",
            "scienceqa": "accuracy", "pope": "f1", "mme": "perception"}
@@ -224,3 +224,30 @@ class VQATask(Task):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build_vqa_task(options: dict, ctx: Any) -> VQATask:
+    """`pitome eval vqa`: the questions are read and checked first, then the model loads."""
+    from .vqa_data import load_vqa_items
+
+    benchmark = options.get("benchmark")
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"vqa needs --benchmark, one of {', '.join(BENCHMARKS)} (got {benchmark!r})")
+    if not options.get("data"):
+        raise ValueError("vqa needs --data: the benchmark's annotation file / folder, a .jsonl file or hf:<dataset>")
+    if options.get("dtype") and options["dtype"] not in _DTYPES:
+        raise ValueError(f"--dtype {options['dtype']!r} is unknown; choose one of {', '.join(_DTYPES)}")
+    max_new = int(options.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+    if max_new < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new}")
+    render_prompt(options.get("prompt_template") or "llava_v1", "")
+    items = load_vqa_items(benchmark, options["data"], options.get("images"), options.get("split"), options.get("limit"))
+    model, processor = load_llava(options["model"], ctx.device, _DTYPES.get(options.get("dtype") or ""))
+    name = options.get("name") or f"{benchmark}: {options['model']}"
+    info = {"model": options["model"], "data": options["data"], "dtype": str(next(model.parameters()).dtype)}
+    return VQATask(name, model, processor, benchmark, items, int(options.get("batch_size") or 8), max_new,
+                   options.get("prompt_template") or "llava_v1", bool(options.get("ocr")),
+                   bool(options.get("lm_prop_attn")), int(options.get("workers") or 0), info)
