@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .base import ArrayDataset, Task, dataloader_factory, fixed_batches
 from .engine import EvalModel, PassResult
-from .vqa_data import BENCHMARKS, VQAItem, question_prompt, render_prompt
+from .vqa_data import BENCHMARKS, HFImage, VQAItem, question_prompt, render_prompt
 from .vqa_metrics import gqa_accuracy, mme_scores, pope_metrics, scienceqa_accuracy, vqa_accuracy
 
 __all__ = ["VQATask", "load_llava", "build_vqa_task", "score_replies", "PRIMARY", "DEFAULT_MAX_NEW_TOKENS"]
@@ -34,21 +34,28 @@ _NOT_SUPPORTED = ("pitome eval vqa supports LLaVA-1.5-style models (LlavaForCond
 
 def load_llava(spec: str, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None) -> tuple[nn.Module, Any]:
     """(model, processor) from ``hf:<id or folder>``; the architecture is checked before the weights load."""
-    name = spec[3:] if spec.startswith("hf:") else spec
-    if not name or spec.startswith(("timm:", "openclip:")):
-        raise ValueError(f"--model {spec!r}: a LLaVA model is 'hf:<id or folder>'; {_NOT_SUPPORTED}")
+    from ..cli.errors import UserError
+    from ..loading import check_model_spec
+
+    checked = check_model_spec(spec)
+    if checked.source != "hf":
+        raise UserError(f"--model {spec!r}: a LLaVA model is 'hf:<id or folder>'; {_NOT_SUPPORTED}")
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-    config = AutoConfig.from_pretrained(name)
+    try:
+        config = AutoConfig.from_pretrained(checked.name)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the config of {spec} (a hub id needs a network or a filled cache): "
+                        f"{error}") from None
     kind = getattr(config, "model_type", "?")
     if kind != "llava":
         detail = (" (any-resolution tiles with image_sizes are not supported yet)"
                   if kind.startswith(("llava_next", "llava_onevision")) else "")
-        raise ValueError(f"--model {spec}: model type {kind!r}{detail}; {_NOT_SUPPORTED}")
+        raise UserError(f"--model {spec}: model type {kind!r}{detail}; {_NOT_SUPPORTED}")
     if dtype is None:
         dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    model = LlavaForConditionalGeneration.from_pretrained(name, dtype=dtype).eval().to(device)
-    processor = AutoProcessor.from_pretrained(name)
+    model = LlavaForConditionalGeneration.from_pretrained(checked.name, dtype=dtype).eval().to(device)
+    processor = AutoProcessor.from_pretrained(checked.name)
     processor.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
     return model, processor
 
@@ -78,6 +85,8 @@ def score_replies(benchmark: str, replies: Sequence[str], items: Sequence[VQAIte
 def _load_image(image: Any) -> Any:
     from PIL import Image
 
+    if isinstance(image, HFImage):
+        image = image.load()
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     with Image.open(image) as opened:
@@ -231,23 +240,29 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def build_vqa_task(options: dict, ctx: Any) -> VQATask:
     """`pitome eval vqa`: the questions are read and checked first, then the model loads."""
+    from ..cli.errors import UserError
     from .vqa_data import load_vqa_items
 
     benchmark = options.get("benchmark")
     if benchmark not in BENCHMARKS:
-        raise ValueError(f"vqa needs --benchmark, one of {', '.join(BENCHMARKS)} (got {benchmark!r})")
+        raise UserError(f"vqa needs --benchmark, one of {', '.join(BENCHMARKS)} (got {benchmark!r})")
     if not options.get("data"):
-        raise ValueError("vqa needs --data: the benchmark's annotation file / folder, a .jsonl file or hf:<dataset>")
+        raise UserError("vqa needs --data: the benchmark's annotation file / folder, a .jsonl file or hf:<dataset>")
     if options.get("dtype") and options["dtype"] not in _DTYPES:
-        raise ValueError(f"--dtype {options['dtype']!r} is unknown; choose one of {', '.join(_DTYPES)}")
+        raise UserError(f"--dtype {options['dtype']!r} is unknown; choose one of {', '.join(_DTYPES)}")
     max_new = int(options.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
     if max_new < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new}")
-    render_prompt(options.get("prompt_template") or "llava_v1", "")
-    items = load_vqa_items(benchmark, options["data"], options.get("images"), options.get("split"), options.get("limit"))
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new}")
+    template = options.get("prompt_template") or "llava_v1"
+    try:
+        render_prompt(template, "")
+        items = load_vqa_items(benchmark, options["data"], options.get("images"), options.get("split"),
+                               options.get("limit"))
+    except ValueError as error:
+        raise UserError(str(error)) from None
     model, processor = load_llava(options["model"], ctx.device, _DTYPES.get(options.get("dtype") or ""))
     name = options.get("name") or f"{benchmark}: {options['model']}"
     info = {"model": options["model"], "data": options["data"], "dtype": str(next(model.parameters()).dtype)}
-    return VQATask(name, model, processor, benchmark, items, int(options.get("batch_size") or 8), max_new,
-                   options.get("prompt_template") or "llava_v1", bool(options.get("ocr")),
-                   bool(options.get("lm_prop_attn")), int(options.get("workers") or 0), info)
+    return VQATask(name, model, processor, benchmark, items, int(options.get("batch_size") or 8), max_new, template,
+                   bool(options.get("ocr")), bool(options.get("lm_prop_attn")), int(options.get("workers") or 0),
+                   info)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["BENCHMARKS", "VQAItem", "load_vqa_items", "record_to_item", "question_prompt", "TEMPLATES",
+__all__ = ["BENCHMARKS", "VQAItem", "HFImage", "load_vqa_items", "record_to_item", "question_prompt", "TEMPLATES",
            "render_prompt"]
 
 BENCHMARKS = ("vqav2", "gqa", "vizwiz", "textvqa", "scienceqa", "pope", "mme")
@@ -266,10 +266,9 @@ def load_vqa_items(benchmark: str, data: str, images: Optional[str] = None, spli
     if benchmark not in BENCHMARKS:
         raise ValueError(f"--benchmark {benchmark!r} is unknown; choose one of {', '.join(BENCHMARKS)}")
     if data.startswith("hf:"):
-        records, root = _hf_records(data, split or ("test" if benchmark in ("scienceqa", "pope", "mme")
-                                                      else "validation")), None
-        if images:
-            root = Path(images)
+        records = _hf_records(data, split or ("test" if benchmark in ("scienceqa", "pope", "mme") else "validation"),
+                              limit)
+        root = Path(images) if images else None
     else:
         path = Path(data)
         if not path.exists():
@@ -283,18 +282,33 @@ def load_vqa_items(benchmark: str, data: str, images: Optional[str] = None, spli
             records = _scienceqa(path, root, split or "test")
         else:
             records = _READERS[benchmark](path, root)
-    if limit:
-        records = records[:limit]
+        records = records[:limit] if limit else records
     items = [record_to_item(benchmark, r, i, data, root) for i, r in enumerate(records)]
     if not items:
         raise ValueError(f"--data {data}: no {benchmark} questions")
     return items
 
 
-def _hf_records(data: str, split: str) -> Sequence[dict]:
+class HFImage:
+    """An image of a ``datasets`` dataset, decoded only when a batch needs it (a split can hold 100k images)."""
+
+    def __init__(self, dataset: Any, index: int, column: str = "image") -> None:
+        self.dataset, self.index, self.column = dataset, index, column
+
+    def load(self) -> Any:
+        return self.dataset[self.index][self.column]
+
+
+def _hf_records(data: str, split: str, limit: Optional[int]) -> list[dict]:
+    """Rows of ``hf:<name>[:<config>]`` without decoding images (their column becomes ``HFImage`` references)."""
     try:
         import datasets
     except ImportError:
         raise ValueError("hf: datasets need the 'datasets' package (pip install datasets)") from None
     name, _, config = data[3:].partition(":")
-    return datasets.load_dataset(name, config or None, split=split)
+    dataset = datasets.load_dataset(name, config or None, split=split)
+    if limit:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    column = "image" if "image" in dataset.column_names else None
+    rows = dataset.remove_columns([column]) if column else dataset
+    return [{**row, **({"image": HFImage(dataset, i, column)} if column else {})} for i, row in enumerate(rows)]
