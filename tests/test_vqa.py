@@ -217,6 +217,8 @@ def test_eval_vqa_cli_every_benchmark(name: str, tiny_llava: Path, tmp_path: Pat
     assert all(isinstance(r[primary], float) for r in rows)
     assert rows[0]["visual_tokens"] == 64 > rows[1]["visual_tokens"]
     assert rows[0]["prefill_gflops"] > rows[1]["prefill_gflops"] > 0
+    replies = [json.loads(line) for line in next(out.glob("*/predictions-unmerged.jsonl")).read_text().splitlines()]
+    assert len(replies) == rows[0]["items"] and all(set(r) == {"question_id", "reply"} for r in replies)
 
 
 def test_cli_errors_are_one_line_before_any_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

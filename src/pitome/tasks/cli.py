@@ -202,6 +202,9 @@ def evaluate(options: dict) -> int:
                   "seconds": round(elapsed, 1)}
         write_results(folder, rows, config, descriptions)
         for task in tasks:
+            if hasattr(task, "write_predictions"):  # generative tasks: the replies themselves
+                task.write_predictions(folder)
+        for task in tasks:
             mine = [r for r in rows if r["task"] == task.name]
             metrics = [k for k in _metric_order(task) if any(k in r for r in mine)]
             print(f"\n### {task.name}\n{format_table(mine, metrics)}")

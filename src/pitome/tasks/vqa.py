@@ -10,8 +10,10 @@ language-model blocks on the prompt, MACs) and latency / throughput.
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -133,6 +135,7 @@ class VQATask(Task):
         self._loader = dataloader_factory(ArrayDataset(self.items, list(range(len(self.items)))), self._collate,
                                           workers)
         self._info = dict(info or {})
+        self.predictions: dict[str, list[dict]] = {}  # per merge setting: question id + reply, for write_predictions
         self._llava = model.model if hasattr(model, "model") else model
         self._text_config = model.config.text_config
         from ..flops import encoder_shape
@@ -178,6 +181,9 @@ class VQATask(Task):
                                      pad_token_id=pad)
         finally:
             counter.remove()
+        if counter.visual is None:
+            raise RuntimeError("the language model saw no image tokens: the processor did not expand the image "
+                               "placeholder of the prompt")
         _sync(device)
         seconds = time.perf_counter() - start
         new = out[:, inputs["input_ids"].shape[1]:]
@@ -209,6 +215,8 @@ class VQATask(Task):
 
         order = [int(i) for i in result.labels]
         replies = self.replies(result)
+        self.predictions[result.spec.label] = [{"question_id": self.items[i].question_id, "reply": reply}
+                                               for i, reply in zip(order, replies)]
         out = score_replies(self.benchmark, replies, [self.items[i] for i in order])
         visual, prompt, seconds = (result.outputs[:, k].double() for k in range(_COLUMNS))
         generated = int((result.outputs[:, _COLUMNS:].long() != self._pad_id()).sum())
@@ -223,6 +231,17 @@ class VQATask(Task):
             same = [a == b for a, b in zip(replies, self.replies(reference))]
             out["agreement"] = 100.0 * sum(same) / len(same) if same else float("nan")
         return out
+
+    def write_predictions(self, folder: Path) -> list[Path]:
+        """One ``predictions-<setting>.jsonl`` per merge setting scored so far (question id, reply)."""
+        from .report import slug
+
+        paths = []
+        for label, rows in self.predictions.items():
+            path = folder / f"predictions-{slug(label)}.jsonl"
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+            paths.append(path)
+        return paths
 
     def describe(self) -> dict[str, Any]:
         return {"task": self.name, "benchmark": self.benchmark, "items": len(self.items),
