@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
+
+from .base import iter_json_lines
 
 __all__ = ["BENCHMARKS", "VQAItem", "HFImage", "load_vqa_items", "record_to_item", "question_prompt", "TEMPLATES",
            "render_prompt"]
@@ -134,18 +136,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {number}: invalid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}, line {number}: each line must be a JSON object")
-        records.append(record)
-    return records
+    return [record for _, record in iter_json_lines(path)]
 
 
 def _one(folder: Path, pattern: str, what: str) -> Path:
