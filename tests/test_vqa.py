@@ -176,11 +176,13 @@ def _task(tiny_llava: Path, benchmark: str, root: Path, batch_size: int, **kwarg
                    max_new_tokens=3, **kwargs)
 
 
-def test_batched_answers_equal_one_question_at_a_time(tiny_llava: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("lm_prop_attn", [False, True])
+def test_batched_answers_equal_one_question_at_a_time(tiny_llava: Path, tmp_path: Path, lm_prop_attn: bool) -> None:
     from pitome.tasks.engine import MergeSpec, run_pass
 
-    batched = _task(tiny_llava, "scienceqa", tmp_path, batch_size=4)  # prompts of different lengths: left padding
-    single = _task(tiny_llava, "scienceqa", tmp_path, batch_size=1)
+    # ScienceQA prompts differ in length (2 or 3 options, a hint or not): the batch is left-padded
+    batched = _task(tiny_llava, "scienceqa", tmp_path, batch_size=4, lm_prop_attn=lm_prop_attn)
+    single = _task(tiny_llava, "scienceqa", tmp_path, batch_size=1, lm_prop_attn=lm_prop_attn)
     spec = MergeSpec.make("pitome", ratio=0.7)
     one = run_pass(batched.model, batched.loader, batched.batches, spec)
     many = run_pass(single.model, single.loader, single.batches, spec)
