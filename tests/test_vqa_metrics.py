@@ -27,6 +27,8 @@ from pitome.tasks.vqa_metrics import (gqa_accuracy, mme_scores, normalize_vqa_an
     ("2:50 pm", "2:50 pm"),                # colon kept (time)
     ("  ten\tapples\n", "10 apples"),
     ("its", "its"),                        # an ordinary word, not forced to "it's"
+    ("50%", "50%"),                        # symbols outside the evaluator's punctuation set stay
+    ("a (big) dog!", "big dog"),
 ])
 def test_vqa_normalisation(raw: str, expected: str) -> None:
     assert normalize_vqa_answer(raw) == expected

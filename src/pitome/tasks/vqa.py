@@ -19,8 +19,9 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..adapters.hf_llava import _llava_model
 from .base import ArrayDataset, Task, dataloader_factory, fixed_batches
-from .engine import EvalModel, PassResult
+from .engine import EvalModel, PassResult, _sync
 from .vqa_data import BENCHMARKS, HFImage, VQAItem, question_prompt, render_prompt
 from .vqa_metrics import gqa_accuracy, mme_scores, pope_metrics, scienceqa_accuracy, vqa_accuracy
 
@@ -136,7 +137,7 @@ class VQATask(Task):
                                           workers)
         self._info = dict(info or {})
         self.predictions: dict[str, list[dict]] = {}  # per merge setting: question id + reply, for write_predictions
-        self._llava = model.model if hasattr(model, "model") else model
+        self._llava = _llava_model(model)
         self._text_config = model.config.text_config
         from ..flops import encoder_shape
 
@@ -181,11 +182,11 @@ class VQATask(Task):
                                      pad_token_id=pad)
         finally:
             counter.remove()
+        _sync(device)
+        seconds = time.perf_counter() - start
         if counter.visual is None:
             raise RuntimeError("the language model saw no image tokens: the processor did not expand the image "
                                "placeholder of the prompt")
-        _sync(device)
-        seconds = time.perf_counter() - start
         new = out[:, inputs["input_ids"].shape[1]:]
         ids = torch.full((new.shape[0], self.max_new_tokens), pad, dtype=torch.long, device=new.device)
         ids[:, : new.shape[1]] = new
@@ -247,11 +248,6 @@ class VQATask(Task):
         return {"task": self.name, "benchmark": self.benchmark, "items": len(self.items),
                 "template": self.template, "max_new_tokens": self.max_new_tokens,
                 "lm_prop_attn": self.lm_prop_attn, "example_prompt": self.prompt(self.items[0]), **self._info}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -1,10 +1,11 @@
 """The VQA benchmarks' own metrics, written from their published definitions (percentages, 0-100).
 
 - VQAv2 / VizWiz / TextVQA: soft accuracy. Answers are normalised (lowercase; periods removed except in
-  decimals; commas between digits removed; other punctuation except apostrophe and colon becomes a space;
-  number words to digits ('none' counts as 0); articles dropped; missing contraction apostrophes added), then
-  a prediction scores min(#humans who gave it / 3, 1), averaged over the 10 leave-one-annotator-out subsets
-  of 9 humans (visualqa.org/evaluation). Both sides are always normalised (LLaVA's pipeline normalises predictions before
+  decimals; commas between digits removed; the other punctuation the official evaluator handles
+  (; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !) becomes a space, apostrophes and colons stay; number words to
+  digits ('none' counts as 0); articles dropped; missing contraction apostrophes added), then a prediction
+  scores min(#humans who gave it / 3, 1), averaged over the 10 leave-one-annotator-out subsets of 9 humans
+  (visualqa.org/evaluation). Both sides are always normalised (LLaVA's pipeline normalises predictions before
   the official evaluator normalises again, so this matches what its published numbers measured).
 - GQA: exact match of the lowercased answer without trailing periods.
 - ScienceQA: option accuracy; the letter is read from the reply (a bare letter, "B.", "(B)", "The answer is B",
@@ -44,7 +45,8 @@ _CONTRACTIONS = {
 }
 _COMMA_IN_NUMBER = re.compile(r"(?<=\d),(?=\d)")
 _NON_DECIMAL_PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")
-_PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|]")
+# the punctuation the official evaluator replaces (symbols such as % and $ stay part of the answer)
+_PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!]")
 
 
 def normalize_vqa_answer(text: str) -> str:
