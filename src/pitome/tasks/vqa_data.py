@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .base import iter_json_lines
-
 __all__ = ["BENCHMARKS", "VQAItem", "HFImage", "load_vqa_items", "record_to_item", "question_prompt", "TEMPLATES",
            "render_prompt"]
 
@@ -136,6 +134,8 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    from .base import iter_json_lines  # (torch-free import of this module: the CLI reads BENCHMARKS for --help)
+
     return [record for _, record in iter_json_lines(path)]
 
 
