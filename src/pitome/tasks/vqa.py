@@ -35,12 +35,17 @@ _NOT_SUPPORTED = ("pitome eval vqa supports LLaVA-1.5-style models (LlavaForCond
                   "image per question, e.g. llava-hf/llava-1.5-7b-hf)")
 
 
-def load_llava(spec: str, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None) -> tuple[nn.Module, Any]:
-    """(model, processor) from ``hf:<id or folder>``; the architecture is checked before the weights load."""
+def load_llava(spec: str, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
+               weights: str = "pretrained", seed: int = 0) -> tuple[nn.Module, Any]:
+    """(model, processor) from ``hf:<id or folder>``; the architecture is checked before the weights load.
+
+    weights: 'pretrained', or 'random' (built from the config, seeded: smoke tests only; the processor still
+    comes from the folder / hub).
+    """
     from ..cli.errors import UserError
     from ..loading import check_model_spec
 
-    checked = check_model_spec(spec)
+    checked = check_model_spec(spec, weights)
     if checked.source != "hf":
         raise UserError(f"--model {spec!r}: a LLaVA model is 'hf:<id or folder>'; {_NOT_SUPPORTED}")
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
@@ -57,7 +62,12 @@ def load_llava(spec: str, device: torch.device | str = "cpu", dtype: Optional[to
         raise UserError(f"--model {spec}: model type {kind!r}{detail}; {_NOT_SUPPORTED}")
     if dtype is None:
         dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    model = LlavaForConditionalGeneration.from_pretrained(checked.name, dtype=dtype).eval().to(device)
+    if weights == "random":
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).to(dtype)
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(checked.name, dtype=dtype)
+    model = model.eval().to(device)
     processor = AutoProcessor.from_pretrained(checked.name)
     processor.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
     return model, processor
@@ -235,7 +245,7 @@ class VQATask(Task):
 
     def write_predictions(self, folder: Path) -> list[Path]:
         """One ``predictions-<setting>.jsonl`` per merge setting scored so far (question id, reply)."""
-        from .report import slug
+        from ..results import slug
 
         paths = []
         for label, rows in self.predictions.items():
@@ -275,9 +285,13 @@ def build_vqa_task(options: dict, ctx: Any) -> VQATask:
                                options.get("limit"))
     except ValueError as error:
         raise UserError(str(error)) from None
-    model, processor = load_llava(options["model"], ctx.device, _DTYPES.get(options.get("dtype") or ""))
+    weights = options.get("weights") or "pretrained"
+    model, processor = load_llava(options["model"], ctx.device, _DTYPES.get(options.get("dtype") or ""), weights,
+                                  int(options.get("seed") or 0))
     name = options.get("name") or f"{benchmark}: {options['model']}"
-    info = {"model": options["model"], "data": options["data"], "dtype": str(next(model.parameters()).dtype)}
+    note = "RANDOM weights (smoke test)" if weights == "random" else "pretrained"
+    info = {"model": f"{options['model']} ({note})", "data": options["data"],
+            "dtype": str(next(model.parameters()).dtype)}
     return VQATask(name, model, processor, benchmark, items, int(options.get("batch_size") or 8), max_new, template,
                    bool(options.get("ocr")), bool(options.get("lm_prop_attn")), int(options.get("workers") or 0),
                    info)
