@@ -223,15 +223,20 @@ def test_eval_vqa_cli_every_benchmark(name: str, tiny_llava: Path, tmp_path: Pat
     assert len(replies) == rows[0]["items"] and all(set(r) == {"question_id", "reply"} for r in replies)
 
 
-def test_cli_errors_are_one_line_before_any_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_errors_are_one_line_before_any_model_loads(tiny_llava: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
     data = write_benchmark("gqa", tmp_path, count=2)
-    base = ["eval", "vqa", "--model", f"hf:{tmp_path / 'no-model-here'}", "--no-progress", "--out", str(tmp_path)]
-    assert _run_cli(base + ["--benchmark", "okvqa", "--data", str(data)]) == 2
+    base = ["eval", "vqa", "--model", f"hf:{tiny_llava}", "--no-progress", "--out", str(tmp_path / "out")]
+    images = ["--images", str(tmp_path / "images")]
+    assert _run_cli(base + ["--benchmark", "okvqa", "--data", str(data)] + images) == 2
     assert _run_cli(base + ["--benchmark", "gqa", "--data", str(data)]) == 2  # images are in images/
-    assert _run_cli(base + ["--benchmark", "gqa", "--data", str(data), "--images", str(tmp_path / "images"),
-                            "--prompt-template", "chatml"]) == 2
+    assert _run_cli(base + ["--benchmark", "gqa", "--data", str(data), "--prompt-template", "chatml"] + images) == 2
+    assert _run_cli(["eval", "vqa", "--model", f"hf:{tmp_path / 'no-model'}", "--benchmark", "gqa", "--data",
+                     str(data), "--no-progress", "--out", str(tmp_path / "out")] + images) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and "okvqa" in errors[0] and "n0.jpg" in errors[1] and "chatml" in errors[2]
+    assert len(errors) == 4 and "okvqa" in errors[0] and "n0.jpg" in errors[1] and "chatml" in errors[2]
+    assert "no-model" in errors[3]
+    assert not list((tmp_path / "out").glob("*/rows.jsonl"))  # nothing ran
 
 
 def test_llava_next_is_refused_with_what_is_supported(tmp_path: Path) -> None:
