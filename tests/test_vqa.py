@@ -280,16 +280,21 @@ def test_two_processes_match_one(tiny_llava: Path, tmp_path: Path) -> None:
 
 
 def test_llava_configs_load_and_carry_the_papers_numbers() -> None:
-    from pitome.tasks.cli import _load_config
+    import argparse
+
+    import yaml
+
+    from pitome.tasks.cli import resolve_options
 
     folder = Path(__file__).resolve().parent.parent / "configs"
     table3 = {"vqav2", "gqa", "vizwiz", "scienceqa", "textvqa", "mme"}
     seen = set()
     for path in sorted(folder.glob("llava15_*.yaml")):
-        config = _load_config(str(path))
+        options = resolve_options(argparse.Namespace(config=path))  # validated like the command line
         size = path.stem.split("_")[1]
-        assert config["task"] == "vqa" and config["ratios"] == [0.9 if size == "7b" else 0.925]
-        if config["benchmark"] in table3 and not path.stem.endswith("walltime"):
-            assert "Table 3" in config["paper"] and set(config["paper_results"]) >= {"unmerged", "pitome", "tome"}
+        assert options["task"] == "vqa" and list(options["ratios"]) == [0.9 if size == "7b" else 0.925]
+        raw = yaml.safe_load(path.read_text())
+        if options["benchmark"] in table3 and not path.stem.endswith("walltime"):
+            assert "Table 3" in raw["paper"] and set(raw["paper_results"]) >= {"unmerged", "pitome", "tome"}
         seen.add(path.stem)
     assert {f"llava15_{s}_{b}" for s in ("7b", "13b") for b in table3 | {"pope", "walltime"}} == seen
