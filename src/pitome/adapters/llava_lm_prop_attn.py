@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..step import log_size_bias, record_merges
+from .base import get_tag
 from .hf_llava import _feature_layers, _llava_model, _resolve, _strategy
 
 __all__ = ["language_model_prop_attn"]
@@ -30,7 +31,7 @@ class _SizeBias:
 
     def __init__(self, llava: nn.Module) -> None:
         self.llava = llava
-        settings = llava.__dict__.get("_pitome_settings")
+        settings = get_tag(llava, "settings")
         if settings is None:
             raise ValueError("language-model proportional attention needs a patched LLaVA (pitome.patch first)")
         layer = _feature_layers(llava)
@@ -43,7 +44,7 @@ class _SizeBias:
 
     def record(self, state: Any, layer: int, metric: Tensor, plan: Any) -> None:
         """``record_merges`` callback: state.size is the size before block ``layer``'s merge."""
-        if state.settings is not self.llava.__dict__.get("_pitome_settings"):
+        if state.settings is not get_tag(self.llava, "settings"):
             return
         if self.state is not state:
             self.state, self.sizes = state, None
