@@ -191,3 +191,34 @@ def test_wrong_placeholder_count_is_a_clear_error() -> None:
     ids, mask = _prompt([1], 50)
     with pytest.raises(ValueError, match="image tokens"):
         model(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(1, 3, 32, 32))
+
+
+def test_images_merging_to_different_counts_are_left_padded() -> None:
+    """Per-image merged counts (e.g. per-image budgets) differ: the batch equals one image at a time."""
+    model = _make()
+    pitome.patch(model, ratio=0.8)
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    k = _image_tokens_predicted(0.8)
+    kept = {round(float(p.sum()), 3): n for p, n in zip(pixels, [k, k - 9, k - 4])}  # tokens kept per image
+    llava = model.model
+    features = llava.get_image_features
+
+    def fewer_tokens(*args: object, **kwargs: object) -> object:
+        out = features(*args, **kwargs)
+        out.pooler_output = [f[: kept[round(float(p.sum()), 3)]] for f, p in
+                             zip(out.pooler_output, kwargs["pixel_values"])]
+        return out
+
+    llava.get_image_features = fewer_tokens
+    seen = _LanguageModelInputs(model)
+    ids, mask = _prompt([1, 1, 1], 64)
+    with torch.no_grad():
+        batch = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5,
+                               do_sample=False)
+        one_ids, one_mask = _prompt([1], 64)
+        singles = [model.generate(input_ids=one_ids, attention_mask=one_mask, pixel_values=pixels[i:i + 1],
+                                  max_new_tokens=5, do_sample=False) for i in range(3)]
+    seen.remove()
+    assert seen.lengths[0] == ids.shape[1] - 64 + k  # the widest row sets the width; the others are left-padded
+    assert torch.equal(batch[:, : ids.shape[1]], ids)
+    assert torch.equal(batch[:, -5:], torch.cat([s[:, -5:] for s in singles]))

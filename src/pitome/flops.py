@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["EncoderShape", "block_macs", "encoder_macs", "find_blocks", "encoder_shape", "metric_width",
-           "merge_step_macs", "FlopsCount", "count_macs", "flop_counter_macs", "run_forward", "batch_size_of"]
+           "merge_step_macs", "decoder_prefill_macs", "FlopsCount", "count_macs", "flop_counter_macs", "run_forward",
+           "batch_size_of"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,23 @@ def encoder_macs(shape: EncoderShape, tokens_per_layer: Sequence[int]) -> int:
     """
     counts = list(tokens_per_layer)
     return sum(block_macs(shape, counts[i], counts[i + 1]) for i in range(len(counts) - 1))
+
+
+def decoder_prefill_macs(config: Any, tokens: int) -> int:
+    """A decoder-only language model's blocks on a prompt of ``tokens`` (LLaVA's prefill), from its config.
+
+    Same convention as ``block_macs``: q / k / v / o projections (k and v at the grouped key-value width), QK^T and
+    AV over all token pairs, the MLP (``mlp_matrices`` 3 for the SwiGLU of Llama / Mistral / Qwen); embeddings and
+    the LM head are not counted.
+    """
+    dim, layers = int(config.hidden_size), int(config.num_hidden_layers)
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or dim // heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    shape = EncoderShape(dim=dim, mlp_hidden=int(config.intermediate_size), attn_dim=heads * head_dim, heads=heads,
+                         mlp_matrices=3)
+    grouped_kv = 2 * tokens * dim * (kv_heads * head_dim - shape.inner)  # k and v narrower than q under GQA
+    return layers * (block_macs(shape, tokens) + grouped_kv)
 
 
 # --- reading a model -------------------------------------------------------------------------------------

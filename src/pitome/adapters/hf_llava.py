@@ -9,7 +9,8 @@ How the pieces stay consistent:
   tower (no class token) gets token 0 protected under 'default', so the token dropped is the same as unmerged.
 - Image placeholders: the processor expands each ``<image>`` into (H/p)(W/p) [+1] image tokens. A patched model
   shortens every run of image tokens to the merged count before the language model sees it (``forward`` and
-  ``generate``; labels, attention mask and padding follow). ``generate`` returns the sequences with the prompt
+  ``generate``; labels, attention mask and padding follow). Images may merge to different counts: shorter rows
+  are re-padded, on the left for ``generate``. ``generate`` returns the sequences with the prompt
   exactly as given, so ``out[:, input_ids.shape[1]:]`` are still the new tokens. Prompts already built with the
   merged count (``image_token_count``) are left as they are.
 """
@@ -107,17 +108,21 @@ def _runs(row: Tensor, image_token: int) -> list[tuple[int, int]]:
     return runs
 
 
-def _keep_mask(input_ids: Tensor, image_token: int, full: int, merged: int) -> Tensor:
+def _keep_mask(input_ids: Tensor, image_token: int, full: int, per_image: Sequence[int]) -> Tensor:
+    """Keep the first ``per_image[i]`` placeholders of image i's run of ``full`` (images in row-major order)."""
     keep = torch.ones_like(input_ids, dtype=torch.bool)
+    image = 0
     for b in range(input_ids.shape[0]):
         for start, length in _runs(input_ids[b], image_token):
             if length % full:
                 raise ValueError(
                     f"pitome: a run of {length} image tokens is not a multiple of the {full} tokens per image the "
-                    f"unmerged model expects (nor already the merged count {merged}); build prompts with the "
+                    f"unmerged model expects (nor already the merged counts); build prompts with the "
                     f"processor, or with pitome.adapters.hf_llava.image_token_count(model) tokens per image"
                 )
-            keep[b, start + (length // full) * merged: start + length] = False
+            for offset in range(start, start + length, full):
+                keep[b, offset + per_image[image]: offset + full] = False
+                image += 1
     return keep
 
 
@@ -143,28 +148,30 @@ def _compact(tensors: dict[str, Optional[Tensor]], keep: Tensor, pads: dict[str,
 
 
 def _shorten(llava: nn.Module, features: Any, input_ids: Tensor, attention_mask: Optional[Tensor],
-             labels: Optional[Tensor], full: int) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Shorten the image placeholder runs to the merged count (no-op when they already match)."""
+             labels: Optional[Tensor], full: int, left: bool = False) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Shorten each image's placeholder run to its merged count (no-op when they already match).
+
+    Rows that end up shorter are re-padded: on the left when ``left`` (generation) or when the caller padded on
+    the left, on the right otherwise; images may merge to different counts.
+    """
     per_image = [f.shape[0] for f in features.pooler_output]
-    merged = per_image[0] if per_image else full
-    if any(n != merged for n in per_image):
-        raise NotImplementedError("pitome: images with different merged token counts in one batch are not supported")
     image_token = llava.config.image_token_id
     placeholders = int((input_ids == image_token).sum())
-    if merged == full or placeholders == merged * len(per_image):
+    if all(n == full for n in per_image) or placeholders == sum(per_image):
         return input_ids, attention_mask, labels
     if placeholders != full * len(per_image):
+        merged = sorted(set(per_image))
         raise ValueError(
             f"pitome: the prompts hold {placeholders} image tokens for {len(per_image)} image(s); expected "
-            f"{full} per image (unmerged, as the processor builds them) or {merged} per image (merged)"
+            f"{full} per image (unmerged, as the processor builds them) or the merged count(s) {merged} per image"
         )
-    keep = _keep_mask(input_ids, image_token, full, merged)
+    keep = _keep_mask(input_ids, image_token, full, per_image)
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"pitome: attention_mask of shape {tuple(attention_mask.shape)} does not match "
                              f"input_ids {tuple(input_ids.shape)}")
         keep &= attention_mask.to(keep.device) != 0  # old padding goes too; rows are re-padded to the new width
-    left = attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
+        left = left or bool((attention_mask[:, 0] == 0).any())
     pad_id = getattr(llava.config.text_config, "pad_token_id", None)
     pad_id = pad_id if pad_id is not None else (getattr(llava.config, "pad_token_id", None) or 0)
     if attention_mask is None and bool((keep.sum(dim=1) != keep.sum(dim=1)[0]).any()):
@@ -222,7 +229,7 @@ class _LlavaModelRoot(HFRoot):
         return super().forward(**call)
 
 
-def _encode_and_shorten(llava: nn.Module, call: dict) -> dict:
+def _encode_and_shorten(llava: nn.Module, call: dict, left: bool = False) -> dict:
     """Run the vision tower first when pixel values are given, then shorten the prompt to the merged count."""
     pixel_values = call.get("pixel_values")
     if pixel_values is None:
@@ -237,7 +244,8 @@ def _encode_and_shorten(llava: nn.Module, call: dict) -> dict:
         image_sizes=call.get("image_sizes"), return_dict=True,
     )
     full = _full_count(llava, call.get("vision_feature_select_strategy"))
-    ids, mask, labels = _shorten(llava, features, input_ids, call.get("attention_mask"), call.get("labels"), full)
+    ids, mask, labels = _shorten(llava, features, input_ids, call.get("attention_mask"), call.get("labels"), full,
+                                 left)
     if ids is not input_ids and call.get("position_ids") is not None:
         raise ValueError("pitome: position_ids cannot be kept when the image tokens are shortened; "
                          "pass position_ids=None")
@@ -264,7 +272,7 @@ class _LlavaGenerationRoot(HFRoot):
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if kwargs.get("pixel_values") is None or input_ids is None:
             return super().generate(input_ids, generation_config, **kwargs)
-        call = _encode_and_shorten(self.model, dict(kwargs, input_ids=input_ids))
+        call = _encode_and_shorten(self.model, dict(kwargs, input_ids=input_ids), left=True)
         new_ids = call.pop("input_ids")
         call.pop("pixel_values", None)
         call.pop("labels", None)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
 
 from .engine import EvalModel, PassResult
 
-__all__ = ["Task", "dataloader_factory", "fixed_batches", "ArrayDataset"]
+__all__ = ["Task", "dataloader_factory", "fixed_batches", "ArrayDataset", "iter_json_lines"]
 
 
 class Task:
@@ -75,3 +77,18 @@ class ArrayDataset:
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         return self.items[index], self.labels[index]
+
+
+def iter_json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of a JSON-lines file, blank lines skipped; errors name the file and line."""
+    with Path(path).open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {number}: each line must be a JSON object")
+            yield number, record

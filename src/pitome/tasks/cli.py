@@ -1,7 +1,8 @@
 """`pitome eval [TASK]`: accuracy against FLOPs for merging algorithms x keep-ratios, one results folder per run.
 
 TASK: offline (default; real weights and data from package registries, no network), image-classification,
-text-classification, retrieval, probe. ``--config FILE`` (YAML or JSON, keys = option names) sets defaults that
+text-classification, retrieval, probe, vqa (LLaVA-1.5-style models on VQAv2 / GQA / VizWiz / TextVQA / ScienceQA /
+POPE / MME; docs/vqa.md). ``--config FILE`` (YAML or JSON, keys = option names) sets defaults that
 command-line options override; configs/ holds the paper's setups. Under ``torchrun --nproc_per_node K`` the
 batches are dealt to K processes and the results gathered (gloo on cpu, nccl on cuda).
 """
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-TASKS = ("offline", "image-classification", "text-classification", "retrieval", "probe")
+TASKS = ("offline", "image-classification", "text-classification", "retrieval", "probe", "vqa")
 
 DEFAULTS: dict[str, Any] = {
     "task": "offline", "algorithms": None, "ratios": [0.9, 0.8, 0.7], "tome_budget": "r", "preset": None,
@@ -25,6 +26,8 @@ DEFAULTS: dict[str, Any] = {
     "workers": 0, "device": None, "seed": 0, "out": "results", "no_progress": False, "quick": False,
     "cache": None, "threads": None, "offline_tasks": ["text", "image", "retrieval"], "random_weights": False,
     "model_kwargs": None, "knn_k": 20, "name": None,
+    "benchmark": None, "max_new_tokens": None, "prompt_template": "llava_v1", "ocr": False, "lm_prop_attn": False,
+    "dtype": None,
 }
 
 
@@ -36,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  pitome eval offline --quick                   # a few items, seconds\n"
         "  pitome eval --config configs/deit_s_imagenet.yaml --data /data/imagenet/val\n"
         "  pitome eval text-classification --model hf:textattack/bert-base-uncased-SST-2 --data hf:glue:sst2\n"
+        "  pitome eval vqa --model hf:llava-hf/llava-1.5-7b-hf --benchmark gqa --data /data/gqa/testdev_balanced_questions.json --images /data/gqa/images\n"
         "  torchrun --nproc_per_node 2 -m pitome.cli eval offline\n")
     parser.add_argument("task", nargs="?", choices=TASKS, default=None, help="what to evaluate (default: offline)")
     add = parser.add_argument
@@ -65,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--limit", type=int, help="first N items only")
     add("--workers", type=int, help="data-loading worker processes")
     add("--knn-k", type=int, help="probe: neighbours of the k-NN classifier (default 20)")
+    add("--benchmark", help="vqa: vqav2, gqa, vizwiz, textvqa, scienceqa, pope or mme")
+    add("--max-new-tokens", type=int, help="vqa: reply length limit (default 16)")
+    add("--prompt-template", help="vqa: llava_v1 (LLaVA-1.5's evaluation, default), llava_hf or plain")
+    add("--ocr", action="store_true", default=None, help="vqa/textvqa: add the reference OCR tokens to the prompt")
+    add("--lm-prop-attn", action="store_true", default=None,
+        help="vqa: proportional attention for merged visual tokens inside the language model (ours; off by default)")
+    add("--dtype", choices=("float32", "float16", "bfloat16"), help="vqa: model dtype (default: float16 on cuda)")
     add("--offline-tasks", nargs="+", choices=("text", "image", "retrieval"), help="offline: which tasks")
     add("--quick", action="store_true", default=None, help="offline: a few items per task (smoke run)")
     add("--cache", help="cache folder (default $PITOME_CACHE or ~/.cache/pitome)")
@@ -191,6 +202,9 @@ def evaluate(options: dict) -> int:
                   "seconds": round(elapsed, 1)}
         write_results(folder, rows, config, descriptions)
         for task in tasks:
+            if hasattr(task, "write_predictions"):  # generative tasks: the replies themselves
+                task.write_predictions(folder)
+        for task in tasks:
             mine = [r for r in rows if r["task"] == task.name]
             metrics = [k for k in _metric_order(task) if any(k in r for r in mine)]
             print(f"\n### {task.name}\n{format_table(mine, metrics)}")
@@ -202,7 +216,8 @@ def evaluate(options: dict) -> int:
 
 
 def _metric_order(task: Any) -> list[str]:
-    return ["top1", "top5", "accuracy", "probe_acc", "knn_acc", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5",
+    return ["top1", "top5", "accuracy", "unparsed", "precision", "recall", "f1", "yes_ratio", "perception",
+            "cognition", "visual_tokens", "prefill_gflops", "latency_ms", "probe_acc", "knn_acc", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5",
             "i2t_r10", "rsum", "agreement", "fidelity"]
 
 
@@ -265,6 +280,11 @@ def _build(options: dict, ctx: Any, say: Any) -> tuple[list, Any, str]:
         from .retrieval import build_retrieval_task
 
         task_obj = build_retrieval_task(options, ctx, batch)
+        return [task_obj], specs, task_obj.name
+    if task == "vqa":
+        from .vqa import build_vqa_task
+
+        task_obj = build_vqa_task(options, ctx)
         return [task_obj], specs, task_obj.name
     if task == "probe":
         from .probe import build_image_probe_task

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -13,7 +12,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import ArrayDataset, Task, dataloader_factory, fixed_batches
+from .base import ArrayDataset, Task, dataloader_factory, fixed_batches, iter_json_lines
 from .engine import EvalModel, PassResult
 from .metrics import accuracy
 
@@ -48,18 +47,9 @@ def read_text_file(path: str | Path, text_column: str = "text", label_column: st
     pairs: list[str] = []
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}, line {line_no}: not valid JSON ({error.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}, line {line_no}: each line must be a JSON object")
-                _check_columns(path, line_no, list(row), wanted)
-                _append(path, line_no, row, texts, labels, pairs, text_column, label_column, pair_column)
+        for line_no, row in iter_json_lines(path):
+            _check_columns(path, line_no, list(row), wanted)
+            _append(path, line_no, row, texts, labels, pairs, text_column, label_column, pair_column)
     elif suffix in (".csv", ".tsv"):
         with path.open(encoding="utf-8", newline="") as handle:
             reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",", strict=True)
