@@ -4,8 +4,9 @@ FLOPs, multi-process runs, and the offline default on real weights and data inst
 Imports nothing heavy: each harness imports its model libraries where used.
 """
 
+from ..setting import MergeSetting
 from .engine import EvalModel, MergeSpec, PassResult, run_pass
 from .sweep import build_specs, default_algorithms, match_r, run_sweep
 
-__all__ = ["EvalModel", "MergeSpec", "PassResult", "run_pass", "build_specs", "default_algorithms", "match_r",
+__all__ = ["EvalModel", "MergeSetting", "MergeSpec", "PassResult", "run_pass", "build_specs", "default_algorithms", "match_r",
            "run_sweep"]

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from .base import Task
-from .engine import EvalModel, MergeSpec, PassResult, run_pass
+from ..setting import MergeSetting
+from .engine import EvalModel, PassResult, run_pass
 from .metrics import accuracy, cosine_fidelity, knn_predict
 
 __all__ = ["LinearProbe", "ProbeTask", "embed"]
@@ -87,7 +88,7 @@ def _fit_torch(z: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int)
 def embed(model: EvalModel, loader_factory: Any, batches: Sequence[Sequence[int]], ctx: Any = None,
           progress: bool = False, desc: str = "embedding") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Unmerged embeddings and labels of a whole dataset (e.g. the probe's training split)."""
-    result = run_pass(model, loader_factory, batches, MergeSpec.make(None), ctx, progress, warmup=False, desc=desc)
+    result = run_pass(model, loader_factory, batches, MergeSetting(), ctx, progress, warmup=False, desc=desc)
     return result.outputs, result.labels
 
 
