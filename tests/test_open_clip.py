@@ -159,7 +159,7 @@ def test_eval_retrieval_runs_on_an_openclip_model(tmp_path):
     (tmp_path / "captions.json").write_text(json.dumps({"images": entries}))
     out = tmp_path / "out"
     code = cli.main(["eval", "retrieval", "--model", "openclip:ViT-B-32", "--captions", str(tmp_path / "captions.json"),
-                     "--images", str(images), "--algorithms", "pitome", "--ratios", "0.9", "--out", str(out),
+                     "--images", str(images), "--weights", "random", "--algorithms", "pitome", "--ratios", "0.9", "--out", str(out),
                      "--no-progress", "--batch-size", "4"])
     assert code == 0
     _, results = _results(out)

@@ -15,10 +15,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 
 from ..flops import EncoderShape
+from ..setting import MergeSetting
 from ..solver import ModelCost, match_flops
 from .base import Task
 from .distributed import DistContext
-from ..setting import MergeSetting
 from .engine import PassResult, run_pass
 
 __all__ = ["default_algorithms", "build_specs", "match_r", "run_sweep", "VARIANTS"]
@@ -43,8 +43,10 @@ def build_specs(
     include_unmerged: bool = True,
     common: Optional[dict] = None,
     per_algorithm: Optional[dict[str, dict]] = None,
+    rs: Sequence[int] = (),
 ) -> list[MergeSetting]:
-    """The unmerged model, then every algorithm at every keep-ratio (ToMe: FLOPs-matched r by default)."""
+    """The unmerged model, then every algorithm at every keep-ratio (ToMe: FLOPs-matched r by default), then at
+    every fixed r in ``rs``."""
     if tome_budget not in ("r", "ratio"):
         raise ValueError(f"tome_budget must be 'r' (ToMe's fixed r at equal FLOPs) or 'ratio', got {tome_budget!r}")
     for ratio in ratios:
@@ -64,6 +66,7 @@ def build_specs(
                 specs.append(MergeSetting.make(name, equal_flops_to=MergeSetting.make(name, ratio=ratio), **kwargs))
             else:
                 specs.append(MergeSetting.make(name, ratio=float(ratio), **kwargs))
+        specs += [MergeSetting.make(name, r=int(r), **kwargs) for r in rs]
     return specs
 
 
@@ -112,9 +115,8 @@ def _row(task: Task, result: PassResult, reference: Optional[PassResult], metric
         "matched_ratio": spec.match_ratio, "options": json.dumps(spec.patch_options, sort_keys=True, default=str),
         "items": result.items, "gflops": result.gflops, "items_per_s": result.items_per_s,
     }
-    if reference is not None:
-        row["flops_ratio"] = result.gflops / reference.gflops if reference.gflops else math.nan
-        row["speedup"] = result.items_per_s / reference.items_per_s if reference.items_per_s else math.nan
+    if reference is not None:  # no speed-up here: one pass per row, not interleaved (pitome bench measures speed)
+        row["flops_kept"] = result.gflops / reference.gflops if reference.gflops else math.nan
     row.update(metrics)
     row["tokens_per_layer"] = result.tokens_per_layer
     return row
@@ -126,12 +128,14 @@ def run_sweep(
     ctx: Optional[DistContext] = None,
     progress: bool = False,
     log: Optional[Callable[[str], None]] = None,
+    on_row: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> list[dict[str, Any]]:
     """Every spec on every task; tasks with the same ``pass_key`` share passes. Returns one row per pair.
 
     specs: one list for all tasks, or a function giving each task its list (e.g. PiToMe's text variant for text).
 
     A spec that fails (e.g. a model the algorithm cannot patch) gives a row with ``error`` and the sweep goes on.
+    ``on_row(row)`` is called as each row finishes (the CLI streams rows to disk with it).
     """
     ctx = ctx or DistContext()
     say = log or (lambda text: None)
@@ -158,11 +162,14 @@ def run_sweep(
                 if not spec.merges:
                     references.setdefault(task.pass_key, result)
                 reference = references.get(task.pass_key)
-                rows.append(_row(task, result, reference, task.metrics(result, reference)))
+                row = _row(task, result, reference, task.metrics(result, reference))
             except (ValueError, TypeError, RuntimeError) as error:
                 warnings.warn(f"{task.name}: {spec.label} failed: {error}", stacklevel=2)
-                rows.append({"task": task.name, "algorithm": spec.display, "budget": spec.budget,
-                             "ratio": spec.ratio, "matched_ratio": spec.match_ratio,
-                             "options": json.dumps(spec.patch_options, sort_keys=True, default=str),
-                             "error": f"{type(error).__name__}: {error}"})
+                row = {"task": task.name, "algorithm": spec.display, "budget": spec.budget,
+                       "ratio": spec.ratio, "matched_ratio": spec.match_ratio,
+                       "options": json.dumps(spec.patch_options, sort_keys=True, default=str),
+                       "error": f"{type(error).__name__}: {error}"}
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
     return rows
