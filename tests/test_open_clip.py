@@ -127,20 +127,23 @@ def test_flops_of_a_patched_tower_match_the_flop_counter():
 
 
 def test_bench_takes_openclip_names():
-    from pitome.bench import BenchOptions, Variant, bench, load_model
+    from pitome.bench import BenchOptions, bench
+    from pitome.cli.errors import UserError
+    from pitome.loading import load_model
+    from pitome.setting import MergeSetting
 
-    with pytest.raises(ValueError, match="unknown open_clip architecture"):
+    with pytest.raises(UserError, match="unknown open_clip architecture"):
         load_model("openclip:NoSuchNet")
-    with pytest.raises(ValueError, match="--pretrained"):
-        load_model("openclip:ViT-B-32/laion2b_s34b_b79k")
-    loaded = load_model("openclip:ViT-B-32", image_size=128)
-    assert loaded.weights.startswith("random init") and loaded.model.transformer.resblocks
+    with pytest.raises(UserError, match="drop '/laion2b_s34b_b79k'"):
+        load_model("openclip:ViT-B-32/laion2b_s34b_b79k", weights="random")
+    loaded = load_model("openclip:ViT-B-32", weights="random", image_size=128)
+    assert loaded.weights_note.startswith("random init") and loaded.module.transformer.resblocks
     options = BenchOptions(warmup=0, reps=1, latency=False, memory=False, progress=False)
-    result = bench([loaded], [Variant("pitome", ratio=0.8)], [1], options)
+    result = bench([loaded], [MergeSetting.make("pitome", ratio=0.8)], [1], options)
     rows = {row["variant"]: row for row in result.rows}
-    assert rows["unpatched"]["tokens_per_layer"][0] == 17
-    merged = [row for name, row in rows.items() if name != "unpatched"][0]
-    assert merged["tokens_per_layer"][-1] < 17 and merged["gflops"] < rows["unpatched"]["gflops"]
+    assert rows["unmerged"]["tokens_per_layer"][0] == 17
+    merged = [row for name, row in rows.items() if name != "unmerged"][0]
+    assert merged["tokens_per_layer"][-1] < 17 and merged["gflops"] < rows["unmerged"]["gflops"]
 
 
 def test_eval_retrieval_runs_on_an_openclip_model(tmp_path):

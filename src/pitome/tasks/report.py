@@ -12,7 +12,9 @@ import platform
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["environment", "plot_task", "format_table", "flops_cell", "summary_lines", "METRIC_ORDER"]
+from ..results import flops_cell
+
+__all__ = ["environment", "plot_task", "format_table", "summary_lines", "METRIC_ORDER"]
 
 METRIC_ORDER = ("top1", "top5", "accuracy", "probe_acc", "knn_acc", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5",
                 "i2t_r10", "rsum", "agreement", "fidelity")
@@ -40,13 +42,6 @@ def environment() -> dict[str, Any]:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def flops_cell(kept: Any) -> str:
-    """0.568 -> '0.57 (-43%)'; the one FLOPs convention of tables."""
-    if not _finite(kept):
-        return "-"
-    return f"{kept:.2f} ({(kept - 1) * 100:+.0f}%)".replace("+0%", "±0%")
 
 
 def _fmt(value: Any) -> str:
