@@ -102,19 +102,20 @@ def run(args: argparse.Namespace) -> int:
                            latency=not args.no_latency, latency_reps=latency_reps, memory=not args.no_memory,
                            merge_timing=not args.no_merge_timing, check_flops=args.check_flops,
                            threads=args.threads, progress=not args.no_progress, seed=args.seed, seq_len=args.seq_len)
+    models = [load_model(spec, weights=args.weights, model_kwargs=args.model_kwargs, image_size=args.image_size,
+                         max_length=args.seq_len, seed=args.seed) for spec in args.model]
     folder = ResultsFolder.create(args.out, "bench")
     print(f"pitome bench: results go to {folder.path}", flush=True)
     folder.write_json("settings.json", {"models": args.model, "weights": args.weights,
                                         "settings": [s.to_dict() for s in settings], "batch_sizes": batch_sizes})
     try:
-        models = [load_model(spec, weights=args.weights, model_kwargs=args.model_kwargs, image_size=args.image_size,
-                             max_length=args.seq_len, seed=args.seed) for spec in args.model]
         result = bench(models, settings, batch_sizes, options, on_rows=folder.extend)
     except KeyboardInterrupt:
         print(f"pitome bench: interrupted; {len(folder.rows)} finished row(s) kept in {folder.path}", file=sys.stderr)
         return 130
     except (ValueError, RuntimeError) as exc:  # e.g. an image size the model cannot take
-        raise UserError(f"{one_line(exc)[:300]} (results folder: {folder.path})") from None
+        where = "" if folder.discard_if_empty() else f" (finished rows in {folder.path})"
+        raise UserError(f"{one_line(exc)[:300]}{where}") from None
     print(result.to_markdown())
     result.to_json(folder.path_for("results.json"))
     result.to_markdown(folder.path_for("table.md"))

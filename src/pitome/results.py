@@ -95,6 +95,15 @@ class ResultsFolder:
         if not os.access(probe, os.W_OK | os.X_OK):
             raise UserError(f"--out {parent}: {probe} is not writable")
 
+    def discard_if_empty(self) -> bool:
+        """Remove the folder when a run failed before its first row (keeps no empty folders); True if removed."""
+        if self.rows:
+            return False
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+        return True
+
     def path_for(self, name: str) -> Path:
         return self.path / name
 

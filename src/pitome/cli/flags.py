@@ -36,7 +36,12 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that raises ``UserError`` (one line, exit 2 in ``pitome.cli.main``) instead of printing usage."""
+    """argparse that raises ``UserError`` (one line, exit 2 in ``pitome.cli.main``) instead of printing usage, and
+    takes flags only as spelled (no silent abbreviations)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UserError(message)

@@ -250,7 +250,7 @@ def evaluate(options: dict, choices: Any = None) -> int:
         return 130
     except (ValueError, FileNotFoundError, ImportError, OSError) as error:
         ctx.close()
-        where = f" (results folder: {folder.path})" if folder is not None else ""
+        where = "" if folder is None or folder.discard_if_empty() else f" (finished rows in {folder.path})"
         raise UserError(f"{one_line(error)}{where}") from None
     elapsed = time.perf_counter() - started
     if folder is not None:
