@@ -21,7 +21,7 @@ from .cli.errors import UserError
 from .cli.flags import add_merge_flags, add_model_flags, add_output_flags, add_runtime_flags, positive_int
 
 __all__ = ["add_arguments", "run", "model_distances", "format_model_tables", "format_synthetic_table",
-           "budget_of", "validate_budgets"]
+           "budget_of", "validate_budgets", "number_list"]
 
 
 def budget_of(budget: Union[float, dict]) -> dict:
@@ -214,8 +214,8 @@ def run_synthetic(args: argparse.Namespace, choices: Any, out: Any) -> int:
 
     from .spectral import synthetic_distances
 
-    sizes = _int_list(args.cluster_sizes, "--cluster-sizes")
-    noises = _float_list(args.noise, "--noise")
+    sizes = number_list(args.cluster_sizes, "--cluster-sizes")
+    noises = number_list(args.noise, "--noise", float, 0)
     ratio = choices.ratios[0] if args.ratios else 0.7
     options = {"margin": args.margin, "margin_decay": 0.0, **choices.options}
     algs = {name: pitome.create_algorithm(name, **{k: v for k, v in options.items()
@@ -239,23 +239,15 @@ def run_synthetic(args: argparse.Namespace, choices: Any, out: Any) -> int:
     return 0
 
 
-def _int_list(text: str, flag: str) -> list[int]:
+def number_list(text: str, flag: str, cast: type = int, least: float = 1) -> list:
+    """'3,2,1' -> [3, 2, 1] for comma-separated flags; UserError naming the flag otherwise."""
     try:
-        values = [int(v) for v in text.split(",")]
+        values = [cast(v) for v in text.split(",")]
     except ValueError:
-        raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise UserError(f"{flag} takes integers >= 1, got {text!r}")
-    return values
-
-
-def _float_list(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
-    if min(values) < 0:
-        raise UserError(f"{flag} takes numbers >= 0, got {text!r}")
+        raise UserError(f"{flag} takes comma-separated {'integers' if cast is int else 'numbers'}, "
+                        f"got {text!r}") from None
+    if min(values) < least:
+        raise UserError(f"{flag} takes values >= {least:g}, got {text!r}")
     return values
 
 
@@ -297,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     if args.synthetic:
         choices = merge_choices(args, default_algorithms=("pitome", "tome", "random"), default_ratios=(0.7,))
-        _int_list(args.cluster_sizes, "--cluster-sizes"), _float_list(args.noise, "--noise")
+        number_list(args.cluster_sizes, "--cluster-sizes"), number_list(args.noise, "--noise", float, 0)
         return run_synthetic(args, choices, _folder(args.out, "spectrum-synthetic"))
     spec = check_model_spec(args.model, args.weights)
     text = spec.name == "minilm" or spec.name == "tiny-bert"

@@ -140,15 +140,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _blocks(text: Optional[str]) -> Optional[list[int]]:
-    if not text:
-        return None
-    try:
-        blocks = [int(b) for b in text.split(",")]
-    except ValueError:
-        raise UserError(f"--blocks takes comma-separated block numbers, got {text!r}") from None
-    if min(blocks) < 0:
-        raise UserError(f"--blocks are numbered from 0, got {text!r}")
-    return blocks
+    from .spectral_cli import number_list
+
+    return number_list(text, "--blocks", int, 0) if text else None
 
 
 def _run_text(args: argparse.Namespace, subject: Any, choices: Any, budgets: list[dict], out: Any) -> int:
