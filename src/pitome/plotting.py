@@ -18,9 +18,9 @@ __all__ = ["style", "pyplot", "subtitle", "titled", "legend_outside", "save", "m
 UNMERGED = "unmerged"
 # Okabe-Ito and Tol's bright/muted palettes: distinguishable in colour-blind vision; markers differ as well,
 # so two lines never share both.
-_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#882255", "#117733", "#999933",
-            "#AA4499", "#44AA99", "#332288", "#661100", "#6699CC")
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*", "d", "8")
+_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#56B4E9", "#CC79A7", "#E69F00", "#882255", "#999933", "#AA4499",
+            "#661100", "#6699CC", "#332288", "#888888", "#44AA99")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "H", "d", "8")  # no "*": that is the unmerged model
 # fixed slots so an algorithm looks the same in every figure, whichever others are plotted with it
 _ORDER = ("pitome", "tome", "auto", "pitome_text", "pitome_bsm", "tofu", "dct", "diffrate", "mctf", "crossget",
           "kth", "evit", "random")
@@ -29,7 +29,7 @@ METRIC_LABELS = {
     "top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "accuracy": "accuracy (%)",
     "probe_acc": "linear-probe accuracy (%)", "knn_acc": "k-NN accuracy (%)", "rsum": "recall sum (R@1+5+10, both ways)",
     "t2i_r1": "text→image R@1 (%)", "i2t_r1": "image→text R@1 (%)", "agreement": "agreement with unmerged (%)",
-    "fidelity": "fidelity: cosine to unmerged outputs (%)", "gflops": "GFLOPs per item (multiply-accumulates)",
+    "fidelity": "fidelity: mean cosine to the unmerged output (1 = same)", "gflops": "GFLOPs per item (multiply-accumulates)",
     "items_per_s": "throughput (items / s)", "flops_kept": "FLOPs kept (fraction of unmerged)",
 }
 

@@ -74,7 +74,8 @@ def conclusions(rows: Sequence[dict]) -> list[str]:
         if not merged:
             continue
         best = max(merged, key=lambda r: r["speedup"])
-        lines.append(f"{model} b{batch} {device} {dtype}: fastest {best['variant']}: {best['speedup']:.2f}x "
+        verdict = "fastest" if best["speedup_q1"] > 1 else "no merged setting is clearly faster; best"
+        lines.append(f"{model} b{batch} {device} {dtype}: {verdict} {best['variant']}: {best['speedup']:.2f}x "
                      f"(quartiles {best['speedup_q1']:.2f}-{best['speedup_q3']:.2f}, {best['reps']} interleaved reps) "
                      f"at {flops_cell(best['flops_kept'])} FLOPs kept"
                      + ("; RANDOM weights: speed only, no accuracy" if best.get("random_weights") else ""))

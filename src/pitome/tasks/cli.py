@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "examples:\n"
         "  pitome eval                                   # offline default (BBC News, Fashion-MNIST; no network)\n"
-        "  pitome eval offline --quick                   # a few items per task (smoke run, about a minute)\n"
+        "  pitome eval offline --quick                   # a few items per task (smoke run)\n"
         "  pitome eval --config configs/deit_s_imagenet.yaml --data /data/imagenet/val\n"
         "  pitome eval text-classification --model hf:textattack/bert-base-uncased-SST-2 --data hf:glue:sst2\n"
         "  torchrun --nproc_per_node 2 -m pitome.cli eval offline\n")
@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--workers", type=non_negative_int, help="data-loading worker processes")
     add("--knn-k", type=positive_int, help="probe: neighbours of the k-NN classifier (default 20)")
     add("--offline-tasks", nargs="+", choices=OFFLINE_TASKS, help="offline: which tasks (default all three)")
-    add("--quick", action="store_true", default=None, help="offline: a few items per task (smoke run)")
+    add("--quick", action="store_true", default=None,
+        help="offline: a few items per task (smoke run; every algorithm and ratio still runs: minutes on a CPU)")
     add("--cache", help="cache folder (default $PITOME_CACHE or ~/.cache/pitome)")
     add("--name", help="results folder suffix")
     add_runtime_flags(parser)

@@ -89,8 +89,8 @@ def summary_lines(rows: Sequence[dict], primary: str) -> list[str]:
             if not scored:
                 continue
             best = max(scored, key=lambda r: r[metric])
-            ref = f", unmerged {base[metric]:.2f}" if base is not None and _finite(base.get(metric)) else ""
-            parts.append(f"best {metric}: {best['algorithm']} {best[metric]:.2f}{ref}")
+            ref = f", unmerged {_fmt(base[metric])}" if base is not None and _finite(base.get(metric)) else ""
+            parts.append(f"best {metric}: {best['algorithm']} {_fmt(best[metric])}{ref}")
         label = f"ratio {key:g}" if isinstance(key, float) else str(key)
         lines.append(f"  {label}{flops}: " + "; ".join(parts))
     return lines
