@@ -98,8 +98,23 @@ def swapped_class(mixin: type, original: type) -> type:
     if key not in _SUBCLASSES:
         _SUBCLASSES[key] = type(f"PiToMe{original.__name__}", (mixin, original),
                                 {"_pitome_original_class": original, "_pitome_mixin": mixin,
-                                 "__module__": original.__module__, "__reduce_ex__": _reduce_swapped})
+                                 "__module__": original.__module__, "__reduce_ex__": _reduce_swapped,
+                                 "__setattr__": _setattr_budget})
     return _SUBCLASSES[key]
+
+
+BUDGET_ATTRS = ("r", "ratio")
+
+
+def _setattr_budget(self: nn.Module, name: str, value: Any) -> None:
+    """ToMe's habit ``model.r = 16`` on the patched model re-patches it with that budget (everything else kept);
+    an invalid value raises as ``pitome.patch`` would. Other attributes are set as usual."""
+    if name in BUDGET_ATTRS and "_pitome_adapter" in self.__dict__:
+        from ..api import set_budget
+
+        set_budget(self, **{name: value})
+        return
+    super(type(self), self).__setattr__(name, value)
 
 
 def _reduce_swapped(self: nn.Module, protocol: int) -> tuple:

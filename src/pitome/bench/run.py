@@ -196,7 +196,7 @@ def _bench_batch(model: Any, loaded: LoadedModel, settings: list[MergeSetting], 
         ideal = base_macs / count.total_macs
         note = setting.note
         tokens_blocks = sum(count.tokens_per_layer)
-        if setting.merges and speedup < 1 and tokens_blocks < SMALL_MODEL_TOKENS:
+        if setting.merges and ideal > 1 and speedup < 1 and tokens_blocks < SMALL_MODEL_TOKENS:
             note = (note + "; " if note else "") + ("small model: the merge steps cost more than the tokens they "
                                                     "remove save")
         rows.append({

@@ -13,7 +13,6 @@ import time
 import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
-
 from ..flops import EncoderShape
 from ..setting import MergeSetting
 from ..solver import ModelCost, match_flops
