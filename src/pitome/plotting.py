@@ -29,7 +29,7 @@ METRIC_LABELS = {
     "top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "accuracy": "accuracy (%)",
     "probe_acc": "linear-probe accuracy (%)", "knn_acc": "k-NN accuracy (%)", "rsum": "recall sum (R@1+5+10, both ways)",
     "t2i_r1": "text→image R@1 (%)", "i2t_r1": "image→text R@1 (%)", "agreement": "agreement with unmerged (%)",
-    "fidelity": "fidelity: mean cosine to the unmerged output (1 = same)", "gflops": "GFLOPs per item (multiply-accumulates)",
+    "fidelity": "fidelity (cosine to unmerged, 1 = same)", "gflops": "GFLOPs per item (multiply-accumulates)",
     "items_per_s": "throughput (items / s)", "flops_kept": "FLOPs kept (fraction of unmerged)",
 }
 

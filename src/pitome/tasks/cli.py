@@ -263,8 +263,10 @@ def evaluate(options: dict, choices: Any = None) -> int:
             print(f"\n### {task.name}\n{format_table(mine, metrics)}")
             print(f"\nconclusion per budget ({task.primary} and fidelity; speed: pitome bench):")
             print("\n".join(summary_lines(mine, task.primary)))
+            items = next((r["items"] for r in mine if "items" in r), None)
             try:
-                plot_task(mine, task.primary, folder.path_for(f"{_slug(task.name)}.png"), task.name, sub)
+                plot_task(mine, task.primary, folder.path_for(f"{_slug(task.name)}.png"), task.name,
+                          f"{sub}, {items} test items" if items else sub)
             except UserError as error:  # no matplotlib: tables and rows are still there
                 print(f"(no plot: {error})")
         print(f"\n{len(rows)} rows in {elapsed:.0f} s with {ctx.world} process(es) -> {folder.path}")
