@@ -43,7 +43,8 @@ import torch
 import pitome
 from pitome import zoo
 from pitome.tasks.base import ArrayDataset, dataloader_factory, fixed_batches
-from pitome.tasks.engine import EvalModel, MergeSpec, run_pass
+from pitome.setting import MergeSetting
+from pitome.tasks.engine import EvalModel, run_pass
 from pitome.tasks.probe import LinearProbe
 from pitome.tasks.sweep import match_r
 
@@ -311,7 +312,7 @@ def _base_value(task: TaskDef, kwargs: dict, key: str) -> Any:
 
 # --- running ------------------------------------------------------------------------------------------------
 
-def _spec(task: TaskDef, bench: Bench, split: str, kwargs: dict, ratio: float) -> MergeSpec:
+def _spec(task: TaskDef, bench: Bench, split: str, kwargs: dict, ratio: float) -> MergeSetting:
     kwargs = dict(kwargs)
     schedule = kwargs.pop("schedule", "ratio")
     algorithm = kwargs.pop("algorithm")
@@ -320,7 +321,7 @@ def _spec(task: TaskDef, bench: Bench, split: str, kwargs: dict, ratio: float) -
     elif task.layers is not None:
         kwargs["layers"] = list(task.layers)
     if schedule == "ratio":
-        return MergeSpec.make(algorithm, ratio=ratio, **kwargs)
+        return MergeSetting.make(algorithm, ratio=ratio, **kwargs)
     # ToMe's constant r at the FLOPs of this keep-ratio (mean over the split's lengths)
     target = bench.model.target
     with pitome.patched(target, algorithm, r=0, **kwargs):
@@ -328,7 +329,7 @@ def _spec(task: TaskDef, bench: Bench, split: str, kwargs: dict, ratio: float) -
         layers = [i for i, layer in enumerate(settings.layers) if layer.merges]
         r, _, _ = match_r(bench.model.encoder_shape(), settings.num_layers, settings.num_protected,
                           bench.lengths[split], ratio, layers)
-    return MergeSpec.make(algorithm, r=r, **kwargs)
+    return MergeSetting.make(algorithm, r=r, **kwargs)
 
 
 def _ratio_for_layers(task: TaskDef, bench: Bench, split: str, algorithm: str, kwargs: dict, ratio: float) -> float:
@@ -360,15 +361,16 @@ def _key(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_file(bench: Bench, split: str, spec: MergeSpec) -> str:
+def run_file(bench: Bench, split: str, spec: MergeSetting) -> str:
     """Cache file of a pass. preset='auto' changes as we learn, so its key holds what it resolves to."""
-    parts: list = [spec.algorithm, spec.ratio, spec.r, spec.kwargs]
-    if spec.options.get("preset") == "auto":
+    kwargs = tuple(sorted(spec.kwargs + ((("preset", spec.preset),) if spec.preset is not None else ())))
+    parts: list = [spec.algorithm, spec.ratio, spec.r, kwargs]  # the same key as before MergeSetting
+    if spec.preset == "auto":
         parts.append(resolved(bench, spec))
     return f"{bench.name}_{split}_{_key(*parts)}.pt"
 
 
-def run_one(bench: Bench, split: str, spec: MergeSpec, tag: str) -> dict:
+def run_one(bench: Bench, split: str, spec: MergeSetting, tag: str) -> dict:
     """Outputs of one pass (cached)."""
     name = run_file(bench, split, spec)
 
@@ -378,7 +380,7 @@ def run_one(bench: Bench, split: str, spec: MergeSpec, tag: str) -> dict:
         wall = time.perf_counter() - start
         print(f"    {tag}: {result.items} items, {wall:.1f} s, {result.gflops:.3f} GFLOPs/item", flush=True)
         return {"outputs": result.outputs, "labels": result.labels, "gflops": result.gflops,
-                "tokens": result.tokens_per_layer, "seconds": wall, "label": spec.label, "kwargs": spec.options,
+                "tokens": result.tokens_per_layer, "seconds": wall, "label": spec.label, "kwargs": spec.patch_options,
                 "r": spec.r, "ratio": spec.ratio}
 
     return _cached(name, compute)
@@ -423,7 +425,7 @@ def get_bench(name: str) -> Bench:
 
 
 def reference_run(bench: Bench, split: str) -> dict:
-    return run_one(bench, split, MergeSpec.make(None), f"{bench.name} {split} unmerged")
+    return run_one(bench, split, MergeSetting(), f"{bench.name} {split} unmerged")
 
 
 def run_configs(task: TaskDef, split: str, configs: dict[str, dict], ratios: Sequence[float], stage: str,
@@ -440,9 +442,9 @@ def run_configs(task: TaskDef, split: str, configs: dict[str, dict], ratios: Seq
                     "gflops": run["gflops"], "r": run["r"], "resolved": resolved(bench, spec)})
 
 
-def resolved(bench: Bench, spec: MergeSpec) -> dict:
+def resolved(bench: Bench, spec: MergeSetting) -> dict:
     """The model-wide switches a setting resolves to (after its preset), for the report."""
-    with pitome.patched(bench.model.target, spec.algorithm, r=0, **spec.options):
+    with pitome.patched(bench.model.target, spec.algorithm, r=0, **spec.patch_options):
         config = pitome.settings(bench.model.target).config
     return {"prop_attn": config.prop_attn, "size_weighted": config.size_weighted, "metric": config.metric,
             "algorithm": config.algorithm, "options": config.options}

@@ -23,19 +23,24 @@ from pathlib import Path
 import torch
 
 from pitome.algorithms import MergeRequest, create_algorithm
-from pitome.bench import BenchOptions, BenchResult, Variant, bench, load_model, parse_device, parse_dtype
+from pitome.bench import BenchOptions, BenchResult, bench, parse_device, parse_dtype
+from pitome.loading import load_model
+from pitome.setting import MergeSetting
 
 PITOME_RATIOS = (0.95, 0.9, 0.85)
 MODELS_224 = ("deit_small_patch16_224", "vit_base_patch16_224")
 MODEL_384 = "vit_base_patch16_384"
 
 
-def grid_variants(ratios: tuple[float, ...], identity: bool = True) -> list[Variant]:
-    variants = [Variant(label="unpatched")]
+IDENTITY = "patched, nothing merged"
+
+
+def grid_variants(ratios: tuple[float, ...], identity: bool = True) -> list[MergeSetting]:
+    variants = [MergeSetting()]
     if identity:
-        variants.append(Variant("pitome", ratio=1.0, label="patched ratio 1.0"))
-    pitome_rows = [Variant("pitome", ratio=r, label=f"PiToMe ratio {r}") for r in ratios]
-    tome_rows = [Variant("tome", equal_flops_to=ref) for ref in pitome_rows]
+        variants.append(MergeSetting.make("pitome", ratio=1.0, note=IDENTITY))
+    pitome_rows = [MergeSetting.make("pitome", ratio=r) for r in ratios]
+    tome_rows = [MergeSetting.make("tome", equal_flops_to=ref) for ref in pitome_rows]
     return variants + pitome_rows + tome_rows
 
 
@@ -48,16 +53,16 @@ def check_targets(result: BenchResult) -> list[str]:
     for (model, batch), rows in groups.items():
         tokens = rows[0]["tokens_per_layer"][0]
         for row in rows:
-            if row["variant"] == "patched ratio 1.0":
+            if row["note"] == IDENTITY:
                 ok = row["speedup"] >= 0.98
                 lines.append(f"{'PASS' if ok else 'FAIL'} {model} b{batch}: patched ratio 1.0 at {row['speedup']:.3f}x "
                              f"unpatched (target >= 0.98)")
-            elif row["algorithm"] is not None and row["flops_ratio"] < 1:
+            elif row["algorithm"] is not None and row["flops_kept"] < 1:
                 ok = row["achieved_over_ideal"] >= 0.85
                 lines.append(f"{'PASS' if ok else 'FAIL'} {model} b{batch}: {row['variant']} reaches "
                              f"{row['achieved_over_ideal']:.3f} of its ideal speed-up (target >= 0.85)")
         limit = 1.5 if tokens <= 197 else 2.0
-        pitome_rows = [r for r in rows if r["algorithm"] == "pitome" and r["flops_ratio"] < 1]
+        pitome_rows = [r for r in rows if r["algorithm"] == "pitome" and r["flops_kept"] < 1]
         for prow in pitome_rows:
             trow = next((r for r in rows if r["algorithm"] == "tome"
                          and r["note"] == f"equal FLOPs to {prow['variant']} (solver)"), None)
@@ -135,11 +140,11 @@ def main() -> None:
         options = BenchOptions(device=args.device, dtype=args.dtype, warmup=args.warmup, reps=reps[name],
                                latency=not args.no_latency, memory=not args.no_memory, threads=args.threads)
         batch = args.batch_vitb if name == "vit_base_patch16_224" and args.batch_vitb else args.batch
-        results.append(bench([load_model(name)], grid_variants(PITOME_RATIOS), [batch], options))
+        results.append(bench([load_model(name, weights="random")], grid_variants(PITOME_RATIOS), [batch], options))
     if not args.skip_384:
         options = BenchOptions(device=args.device, dtype=args.dtype, warmup=args.warmup, reps=reps_384,
                                latency=False, memory=not args.no_memory, threads=args.threads)
-        results.append(bench([load_model(MODEL_384)], grid_variants((0.9,), identity=False), [batch_384], options))
+        results.append(bench([load_model(MODEL_384, weights="random")], grid_variants((0.9,), identity=False), [batch_384], options))
     merged = BenchResult(rows=[row for res in results for row in res.rows], meta=results[0].meta)
     merged.meta["reps"] = ", ".join(f"{res.rows[0]['model']}: {res.meta['reps']}" for res in results)
     table = merged.to_markdown()

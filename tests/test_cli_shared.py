@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from pitome.cli import main
@@ -17,9 +13,6 @@ from pitome.cli.flags import (Parser, add_merge_flags, add_model_flags, add_outp
 from pitome.loading import check_model_spec, load_model, parse_model_spec
 from pitome.results import ResultsFolder
 from pitome.setting import MergeSetting
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-
 
 def _parser() -> Parser:
     parser = Parser(prog="test")
@@ -205,20 +198,3 @@ def test_unknown_verb_is_one_line(capsys):
     assert main(["benhc"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid choice" in err
-
-
-def _fresh_python(code: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": SRC}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-
-
-@pytest.mark.slow
-def test_help_and_version_do_not_import_torch():
-    code = ("import sys\nfrom pitome.cli import main\n"
-            "for argv in (['--help'], ['--version'], ['bench', '--help'], "
-            "):\n"
-            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n")
-    result = _fresh_python(code)
-    assert result.stderr.strip().splitlines()[-1] == "NO-TORCH", result.stderr
-    assert "bench" in result.stdout

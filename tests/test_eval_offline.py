@@ -64,6 +64,6 @@ def test_offline_default_adds_auto_rows_per_family():
     image = [s for s in specs(SimpleNamespace(name="an image task")) if s.display == "auto"]
     assert [s.ratio for s in text] == [0.9, 0.8] == [s.ratio for s in image]
     assert {s.algorithm for s in text} == {"tome"} and {s.algorithm for s in image} == {"pitome"}
-    assert all(s.options["preset"] == "auto" and s.label.startswith("auto ratio=") for s in text + image)
+    assert all(s.preset == "auto" and s.label.startswith("auto ratio=") for s in text + image)
     only = offline_specs(["tome"], (0.9,))(SimpleNamespace(name=TEXT_TASK))
     assert [s.display for s in only] == ["unmerged", "tome"]

@@ -40,7 +40,7 @@ def _results(out: Path) -> tuple[Path, dict]:
 def test_image_classification_sweep_writes_json_csv_png(tmp_path):
     data = make_image_folder(tmp_path / "images")
     out = tmp_path / "out"
-    code = cli.main(["eval", "image-classification", "--model", "timm:vit_tiny_patch16_224", "--random-weights",
+    code = cli.main(["eval", "image-classification", "--model", "timm:vit_tiny_patch16_224", "--weights", "random",
                      "--model-kwargs", '{"img_size": 32, "patch_size": 4, "num_classes": 3}', "--data", str(data),
                      "--algorithms", "pitome", "tome", "--ratios", "0.9", "0.7", "--batch-size", "5",
                      "--out", str(out), "--no-progress", "--name", "tiny"])
@@ -57,7 +57,7 @@ def test_image_classification_sweep_writes_json_csv_png(tmp_path):
         assert abs(tome_row["gflops"] - pitome_row["gflops"]) / pitome_row["gflops"] < 0.1
     config = json.loads((folder / "config.json").read_text())
     assert config["options"]["ratios"] == [0.9, 0.7] and "torch" in config["environment"]
-    with (folder / "results.csv").open() as handle:
+    with (folder / "rows.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 5
     if importlib.util.find_spec("matplotlib"):
         png = list(folder.glob("*.png"))
@@ -128,7 +128,7 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
     assert cli.main(["eval", "image-classification", "--data", str(tmp_path)]) == 2
     assert "needs --model" in capsys.readouterr().err
     assert cli.main(["eval", "image-classification", "--model", "vit:x", "--data", str(tmp_path)]) == 2
-    assert "timm:<name>" in capsys.readouterr().err
+    assert "timm:NAME" in capsys.readouterr().err
 
 
 def test_retrieval_and_hf_classifier_with_tiny_hf_models(tmp_path):

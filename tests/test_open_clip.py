@@ -128,20 +128,23 @@ def test_flops_of_a_patched_tower_match_the_flop_counter():
 
 @pytest.mark.slow
 def test_bench_takes_openclip_names():
-    from pitome.bench import BenchOptions, Variant, bench, load_model
+    from pitome.bench import BenchOptions, bench
+    from pitome.cli.errors import UserError
+    from pitome.loading import load_model
+    from pitome.setting import MergeSetting
 
-    with pytest.raises(ValueError, match="unknown open_clip architecture"):
+    with pytest.raises(UserError, match="unknown open_clip architecture"):
         load_model("openclip:NoSuchNet")
-    with pytest.raises(ValueError, match="--pretrained"):
-        load_model("openclip:ViT-B-32/laion2b_s34b_b79k")
-    loaded = load_model("openclip:ViT-B-32", image_size=128)
-    assert loaded.weights.startswith("random init") and loaded.model.transformer.resblocks
+    with pytest.raises(UserError, match="drop '/laion2b_s34b_b79k'"):
+        load_model("openclip:ViT-B-32/laion2b_s34b_b79k", weights="random")
+    loaded = load_model("openclip:ViT-B-32", weights="random", image_size=128)
+    assert loaded.weights_note.startswith("random init") and loaded.module.transformer.resblocks
     options = BenchOptions(warmup=0, reps=1, latency=False, memory=False, progress=False)
-    result = bench([loaded], [Variant("pitome", ratio=0.8)], [1], options)
+    result = bench([loaded], [MergeSetting.make("pitome", ratio=0.8)], [1], options)
     rows = {row["variant"]: row for row in result.rows}
-    assert rows["unpatched"]["tokens_per_layer"][0] == 17
-    merged = [row for name, row in rows.items() if name != "unpatched"][0]
-    assert merged["tokens_per_layer"][-1] < 17 and merged["gflops"] < rows["unpatched"]["gflops"]
+    assert rows["unmerged"]["tokens_per_layer"][0] == 17
+    merged = [row for name, row in rows.items() if name != "unmerged"][0]
+    assert merged["tokens_per_layer"][-1] < 17 and merged["gflops"] < rows["unmerged"]["gflops"]
 
 
 @pytest.mark.slow
@@ -161,7 +164,7 @@ def test_eval_retrieval_runs_on_an_openclip_model(tmp_path):
     (tmp_path / "captions.json").write_text(json.dumps({"images": entries}))
     out = tmp_path / "out"
     code = cli.main(["eval", "retrieval", "--model", "openclip:ViT-B-32", "--captions", str(tmp_path / "captions.json"),
-                     "--images", str(images), "--algorithms", "pitome", "--ratios", "0.9", "--out", str(out),
+                     "--images", str(images), "--weights", "random", "--algorithms", "pitome", "--ratios", "0.9", "--out", str(out),
                      "--no-progress", "--batch-size", "4"])
     assert code == 0
     _, results = _results(out)

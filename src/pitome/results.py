@@ -23,7 +23,7 @@ from typing import Any, Iterable, Optional, Union
 
 from .cli.errors import UserError
 
-__all__ = ["ResultsFolder", "slug", "clean", "ROWS_JSONL", "ROWS_CSV"]
+__all__ = ["ResultsFolder", "slug", "clean", "flops_cell", "ROWS_JSONL", "ROWS_CSV"]
 
 ROWS_JSONL = "rows.jsonl"
 ROWS_CSV = "rows.csv"
@@ -42,6 +42,13 @@ def clean(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [clean(v) for v in value]
     return value
+
+
+def flops_cell(kept: Any) -> str:
+    """``flops_kept`` as every table shows it: 0.568 -> '0.57 (-43%)' (the fraction kept, and the change)."""
+    if isinstance(kept, bool) or not isinstance(kept, (int, float)) or not math.isfinite(kept):
+        return "-"
+    return f"{kept:.2f} ({(kept - 1) * 100:+.0f}%)".replace("(+0%)", "(±0%)").replace("(-0%)", "(±0%)")
 
 
 def _csv_cell(value: Any) -> Any:
@@ -87,6 +94,15 @@ class ResultsFolder:
             raise UserError(f"--out {parent}: {probe} is a file, not a folder")
         if not os.access(probe, os.W_OK | os.X_OK):
             raise UserError(f"--out {parent}: {probe} is not writable")
+
+    def discard_if_empty(self) -> bool:
+        """Remove the folder when a run failed before its first row (keeps no empty folders); True if removed."""
+        if self.rows:
+            return False
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+        return True
 
     def path_for(self, name: str) -> Path:
         return self.path / name

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -116,13 +115,11 @@ def resolve_budgets(
 
 
 def capped(requested: int, allowed: int, layer: int) -> int:
-    """Cap a budget at what one merge step allows, warning once per call site."""
+    """Cap a budget at what one merge step allows; the warning comes once per forward, at the user's line."""
     if requested > allowed:
-        warnings.warn(
-            f"layer {layer}: budget asks to remove {requested} tokens but only {allowed} can be merged "
-            f"in one step; capped to {allowed}",
-            stacklevel=3,
-        )
+        from .caller_warnings import report_cap
+
+        report_cap(requested, allowed, layer)
         return allowed
     return requested
 

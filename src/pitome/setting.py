@@ -40,8 +40,9 @@ def _r_for_patch(r: Any) -> Any:
 
 @dataclass(frozen=True)
 class MergeSetting:
-    """algorithm None and preset None = the unmerged model. ``options``: frozen (key, value) pairs of the other
-    ``pitome.patch`` arguments (layers, prop_attn, algorithm options...); ``name``: what rows call it (e.g. "auto")."""
+    """algorithm None and preset None = the unmerged model. ``kwargs``: frozen (key, value) pairs of the other
+    ``pitome.patch`` arguments (layers, prop_attn, algorithm options...; ``options`` is the same as a dict);
+    ``name``: what rows call it (e.g. "auto")."""
 
     algorithm: Optional[str] = None
     ratio: Optional[float] = None
@@ -49,7 +50,7 @@ class MergeSetting:
     flops_reduction: Optional[float] = None
     equal_flops_to: Optional["MergeSetting"] = None
     preset: Optional[str] = None
-    options: tuple = ()
+    kwargs: tuple = ()
     budgets: Optional[str] = None
     name: Optional[str] = None
     note: str = ""
@@ -77,8 +78,13 @@ class MergeSetting:
                                                     and self.ratio is None)
 
     @property
-    def option_dict(self) -> dict:
-        return {k: _thaw(v) for k, v in self.options}
+    def options(self) -> dict:
+        return {k: _thaw(v) for k, v in self.kwargs}
+
+    @property
+    def patch_options(self) -> dict:
+        """``pitome.patch`` arguments other than the algorithm and the budget: the options and the preset."""
+        return {**self.options, **({"preset": self.preset} if self.preset is not None else {})}
 
     @property
     def match_ratio(self) -> Optional[float]:
@@ -120,7 +126,7 @@ class MergeSetting:
         parts = [self.display, self.budget]
         if self.preset and self.name != self.preset and self.algorithm:
             parts.append(f"preset={self.preset}")
-        parts += [f"{k}={json.dumps(_thaw(v))}" for k, v in self.options]
+        parts += [f"{k}={json.dumps(_thaw(v))}" for k, v in self.kwargs]
         return " ".join(parts)
 
     def __str__(self) -> str:
@@ -137,7 +143,7 @@ class MergeSetting:
         """Arguments for ``pitome.patch(model, **kwargs)``."""
         if self.solved:
             raise ValueError(f"setting {self.label!r} has a budget solved per model; resolve it for a model first")
-        kwargs: dict = self.option_dict
+        kwargs: dict = self.options
         for key in ("algorithm", "ratio", "preset"):
             if getattr(self, key) is not None:
                 kwargs[key] = getattr(self, key)
@@ -164,8 +170,8 @@ class MergeSetting:
                                                    "name", "note") if getattr(self, k) not in (None, "")}
         if self.r is not None:
             out["r"] = _thaw(self.r)
-        if self.options:
-            out["options"] = self.option_dict
+        if self.kwargs:
+            out["options"] = self.options
         if self.equal_flops_to is not None:
             out["equal_flops_to"] = self.equal_flops_to.to_dict()
         return out

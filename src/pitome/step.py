@@ -124,6 +124,14 @@ class MergeInfo:
     source: Optional[Tensor]
     source_history: list[tuple[int, Tensor]]
     valid: Optional[Tensor]
+    settings: Any = field(default=None, repr=False, compare=False)       # the MergeSettings of that forward
+    flops_kept: Optional[float] = field(default=None, repr=False, compare=False)  # set by pitome.info
+
+    def __repr__(self) -> str:
+        """'MergeInfo(197→60 tokens over 12 blocks, -43% FLOPs (pitome, ratio 0.9), batch 8)'."""
+        from .describe import info_text
+
+        return info_text(self, self.settings, self.flops_kept)
 
     def source_matrix(self) -> Tensor:
         """Dense (B, N, N0) bool: row = output token, column = original token it contains."""
@@ -342,7 +350,7 @@ class ForwardState:
         if self.final_tokens is not None:
             counts.append(self.final_tokens)
         return MergeInfo(tokens_per_layer=counts, size=self.size, source=self.source,
-                         source_history=list(self.source_history), valid=self.valid)
+                         source_history=list(self.source_history), valid=self.valid, settings=self.settings)
 
 
 @contextlib.contextmanager
@@ -387,9 +395,12 @@ def activate(key: RootKey, settings: MergeSettings, device: Optional[torch.devic
         finally:
             key.traced = None
         return
+    from .caller_warnings import collect_caps
+
     token = _ACTIVE.set({**_ACTIVE.get(), key: state})
     try:
-        yield state, True
+        with collect_caps():  # budget caps of all blocks: one warning per forward, at the caller's line
+            yield state, True
     finally:
         _ACTIVE.reset(token)
 

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 __all__ = ["grid_shape", "patch_labels", "pixel_labels", "paint_groups", "heatmap", "patch_values",
-           "compose", "canvas_size", "text_groups", "ansi_groups", "plain_groups", "html_groups"]
+           "compose", "canvas_size", "with_header", "with_colorbar", "text_groups", "ansi_groups", "plain_groups", "html_groups"]
 
 OUTLINE = np.array([20, 20, 20], dtype=np.uint8)
 PAD = 6          # pixels between panels
@@ -86,14 +86,17 @@ def patch_values(values: Sequence[float], source: Sequence[int], num_protected: 
     return out
 
 
-def heatmap(values: np.ndarray, height: int, width: int, cmap: str = "magma") -> np.ndarray:
-    """(rows, cols) values -> uint8 (height, width, 3) colour image, min-max scaled (NaN = grey)."""
+def heatmap(values: np.ndarray, height: int, width: int, cmap: str = "magma", lo: Optional[float] = None,
+            hi: Optional[float] = None) -> np.ndarray:
+    """(rows, cols) values -> uint8 (height, width, 3) colour image, scaled to [lo, hi] (default: its own min and
+    max; NaN = grey). Give lo / hi to share one colour scale (and one colour bar) between panels."""
     from matplotlib import colormaps
 
     v = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(v)
-    lo, hi = (v[finite].min(), v[finite].max()) if finite.any() else (0.0, 1.0)
-    scaled = np.where(finite, (v - lo) / (hi - lo if hi > lo else 1.0), 0.0)
+    own_lo, own_hi = (v[finite].min(), v[finite].max()) if finite.any() else (0.0, 1.0)
+    lo, hi = own_lo if lo is None else lo, own_hi if hi is None else hi
+    scaled = np.clip(np.where(finite, (v - lo) / (hi - lo if hi > lo else 1.0), 0.0), 0.0, 1.0)
     rgb = (colormaps[cmap](scaled)[..., :3] * 255).round().astype(np.uint8)
     rgb[~finite] = 128
     return pixel_labels(rgb, height, width)
@@ -134,6 +137,52 @@ def compose(panels: Sequence[Sequence[Optional[np.ndarray]]], row_labels: Sequen
         for k, line in enumerate(label.split("\n")):
             draw.text((4, y + 12 * k), line, fill=(0, 0, 0))
     return np.asarray(img)
+
+
+def _font(size: int) -> object:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one fixed bitmap size
+        return ImageFont.load_default()
+
+
+def with_header(image: np.ndarray, lines: Sequence[str], size: int = 13) -> np.ndarray:
+    """``image`` below a white strip holding ``lines`` (a title, then a subtitle naming model and weights)."""
+    from PIL import Image, ImageDraw
+
+    height = 6 + (size + 5) * len(lines)
+    canvas = Image.new("RGB", (image.shape[1], image.shape[0] + height), "white")
+    canvas.paste(Image.fromarray(image), (0, height))
+    draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(lines):
+        draw.text((4, 4 + (size + 5) * k), line, fill=(0, 0, 0) if k == 0 else (70, 70, 70), font=_font(size))
+    return np.asarray(canvas)
+
+
+def with_colorbar(image: np.ndarray, top: int, height: int, lo: float, hi: float, label: str,
+                  cmap: str = "magma", width: int = 16) -> np.ndarray:
+    """``image`` with a vertical colour bar on its right, beside rows ``top``..``top + height`` (high at the top),
+    its end values, and a label."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    strip = 110
+    canvas = Image.new("RGB", (image.shape[1] + strip, image.shape[0]), "white")
+    canvas.paste(Image.fromarray(image), (0, 0))
+    ramp = np.linspace(1.0, 0.0, height)[:, None].repeat(width, axis=1)
+    bar = (colormaps[cmap](ramp)[..., :3] * 255).round().astype(np.uint8)
+    left = image.shape[1] + 6
+    canvas.paste(Image.fromarray(bar), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((left, top, left + width - 1, top + height - 1), outline=(0, 0, 0))
+    font = _font(11)
+    draw.text((left + width + 4, top), f"{hi:.3g}", fill=(0, 0, 0), font=font)
+    draw.text((left + width + 4, top + height - 12), f"{lo:.3g}", fill=(0, 0, 0), font=font)
+    for k, line in enumerate(label.split("\n")):
+        draw.text((left + width + 4, top + height // 2 - 12 + 12 * k), line, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
 
 
 # --- text ---------------------------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ def swapped_class(mixin: type, original: type) -> type:
     key = (mixin, original)
     if key not in _SUBCLASSES:
         namespace = {"_pitome_original_class": original, "_pitome_mixin": mixin,
-                     "__module__": original.__module__, "__reduce_ex__": _reduce_swapped}
+                     "__module__": original.__module__, "__reduce_ex__": _reduce_swapped,
+                     "__setattr__": _setattr_budget}
         forward = getattr(mixin, "forward", None)
         if forward is not None and _takes_anything(forward) and callable(getattr(original, "forward", None)):
             namespace["forward"] = _with_signature(forward, original.forward)
@@ -120,6 +121,20 @@ def _with_signature(fn: Callable[..., Any], like: Callable[..., Any]) -> Callabl
     forward.__signature__ = inspect.signature(like)  # type: ignore[attr-defined]
     forward.__doc__ = fn.__doc__
     return forward
+
+
+BUDGET_ATTRS = ("r", "ratio")
+
+
+def _setattr_budget(self: nn.Module, name: str, value: Any) -> None:
+    """ToMe's habit ``model.r = 16`` on the patched model re-patches it with that budget (everything else kept);
+    an invalid value raises as ``pitome.patch`` would. Other attributes are set as usual."""
+    if name in BUDGET_ATTRS and get_tag(self, "adapter") is not None:
+        from ..api import set_budget
+
+        set_budget(self, **{name: value})
+        return
+    super(type(self), self).__setattr__(name, value)
 
 
 def _reduce_swapped(self: nn.Module, protocol: int) -> tuple:

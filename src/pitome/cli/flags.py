@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 from .errors import UserError, unknown_name
 
 __all__ = ["Parser", "add_model_flags", "add_merge_flags", "add_runtime_flags", "add_output_flags",
-           "MergeChoices", "merge_choices", "resolve_device", "apply_threads", "DEFAULT_MODEL", "DEFAULT_OUT",
+           "MergeChoices", "merge_choices", "options_for", "resolve_device", "apply_threads", "DEFAULT_MODEL", "DEFAULT_OUT",
            "WEIGHTS", "PATCH_KEYS", "ratio", "r_value", "flops_reduction", "positive_int", "non_negative_int",
            "key_value", "json_object", "split_names"]
 
@@ -36,7 +36,12 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that raises ``UserError`` (one line, exit 2 in ``pitome.cli.main``) instead of printing usage."""
+    """argparse that raises ``UserError`` (one line, exit 2 in ``pitome.cli.main``) instead of printing usage, and
+    takes flags only as spelled (no silent abbreviations)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UserError(message)
@@ -220,11 +225,7 @@ class MergeChoices:
 
     def options_for(self, algorithm: str) -> dict:
         """The options this algorithm accepts (patch-level keys go to every algorithm)."""
-        from ..algorithms import algorithm_class
-
-        accepted = set(PATCH_KEYS) | (set(algorithm_class(algorithm).option_names()) if algorithm != AUTO else
-                                      set(self.options))
-        return {k: v for k, v in self.options.items() if k in accepted}
+        return options_for(algorithm, self.options)
 
     def settings(self, unmerged: bool = True) -> list:
         """One ``MergeSetting`` per algorithm x budget (the unmerged model first); solved budgets stay solved."""
@@ -239,6 +240,17 @@ class MergeChoices:
             out += [MergeSetting.make(algorithm, r=value, **common) for value in self.rs]
             out += [MergeSetting.make(algorithm, flops_reduction=value, **common) for value in self.flops_reductions]
         return out
+
+
+def options_for(algorithm: str, options: dict) -> dict:
+    """The subset of ``options`` that ``algorithm`` accepts: its own options and the patch-level keys
+    ('auto' takes all: its preset decides the algorithm)."""
+    from ..algorithms import algorithm_class
+
+    if algorithm == AUTO:
+        return dict(options)
+    accepted = set(PATCH_KEYS) | set(algorithm_class(algorithm).option_names())
+    return {k: v for k, v in options.items() if k in accepted}
 
 
 def merge_choices(args: argparse.Namespace, *, text: bool = False, default_algorithms: Sequence[str] = (),

@@ -1,7 +1,7 @@
 """The loop every harness shares: run a model over batches under one merge setting, measure FLOPs and speed.
 
 A harness hands over an ``EvalModel`` (the module pitome patches, a function from a collated batch to per-item
-outputs) and the data; ``run_pass`` runs this process's share of the batches under a ``MergeSpec`` and
+outputs) and the data; ``run_pass`` runs this process's share of the batches under a ``MergeSetting`` and
 gathers per-item outputs, labels and MACs in dataset order on every process.
 
 FLOPs are the paper's convention (multiply-accumulates of the encoder blocks, patch embedding and heads
@@ -11,103 +11,23 @@ padded text batches that is the padded length (batches are length-sorted to keep
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..flops import EncoderShape, encoder_macs
+from ..setting import MergeSetting
 from .distributed import DistContext, all_max, gather_in_order, shard
 
-__all__ = ["MergeSpec", "EvalModel", "PassResult", "run_pass", "encoder_shape", "progress_bar", "set_seed"]
+__all__ = ["MergeSetting", "MergeSpec", "EvalModel", "PassResult", "run_pass", "encoder_shape", "progress_bar", "set_seed"]
 
 
-@dataclass(frozen=True)
-class MergeSpec:
-    """One merge setting of a sweep: algorithm (None = unmerged), budget, and the other ``pitome.patch`` args.
-
-    ratio / r:     the budget as ``pitome.patch`` takes it.
-    match_ratio:   instead of a budget, "the r whose FLOPs match keep-ratio ``match_ratio``" (ToMe's native
-                   fixed-r schedule at equal FLOPs); resolved into ``r`` before running.
-    kwargs:        everything else for ``pitome.patch`` (preset, layers, prop_attn, algorithm options, ...).
-    name:          what result rows call this setting (default: the algorithm), e.g. "auto" for preset='auto'.
-    """
-
-    algorithm: Optional[str] = None
-    ratio: Optional[float] = None
-    r: Any = None
-    match_ratio: Optional[float] = None
-    kwargs: tuple = ()
-    name: Optional[str] = None
-
-    @staticmethod
-    def make(algorithm: Optional[str], ratio: Optional[float] = None, r: Any = None,
-             match_ratio: Optional[float] = None, name: Optional[str] = None, **kwargs: Any) -> "MergeSpec":
-        items = tuple(sorted((k, _freeze(v)) for k, v in kwargs.items() if v is not None))
-        return MergeSpec(algorithm, ratio, _freeze(r), match_ratio, items, name)
-
-    @property
-    def display(self) -> str:
-        return "unmerged" if not self.merges else (self.name or self.algorithm)
-
-    @property
-    def merges(self) -> bool:
-        return self.algorithm is not None
-
-    @property
-    def options(self) -> dict:
-        return {k: _thaw(v) for k, v in self.kwargs}
-
-    @property
-    def budget(self) -> str:
-        if not self.merges:
-            return "-"
-        if self.ratio is not None:
-            return f"ratio={self.ratio:g}"
-        if self.r is not None:
-            text = f"r={_thaw(self.r)}"
-            return text + (f" (FLOPs of ratio {self.match_ratio:g})" if self.match_ratio is not None else "")
-        return f"r=? (FLOPs of ratio {self.match_ratio:g})"
-
-    @property
-    def label(self) -> str:
-        return "unmerged" if not self.merges else f"{self.display} {self.budget}"
-
-    def with_r(self, r: int) -> "MergeSpec":
-        return MergeSpec(self.algorithm, None, r, self.match_ratio, self.kwargs, self.name)
-
-    @contextlib.contextmanager
-    def applied(self, target: nn.Module) -> Iterator[nn.Module]:
-        """Patch ``target`` for the duration (unmerged: make sure it is not patched)."""
-        import pitome
-
-        if not self.merges:
-            if pitome.is_patched(target):
-                raise RuntimeError("the model is already patched; an unmerged pass needs the original model")
-            yield target
-            return
-        if self.ratio is None and self.r is None:
-            raise ValueError(f"{self.label}: the budget is not resolved yet (match_ratio needs a FLOPs match)")
-        with pitome.patched(target, self.algorithm, ratio=self.ratio, r=_thaw(self.r), **self.options):
-            yield target
-
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
-    return value
-
-
-def _thaw(value: Any) -> Any:
-    if isinstance(value, tuple) and not (len(value) == 2 and isinstance(value[1], float)):
-        return [_thaw(v) for v in value]
-    return value
+# the tools' one merge-setting type; ``MergeSpec`` is its former name here
+MergeSpec = MergeSetting
 
 
 @dataclass
@@ -137,7 +57,7 @@ class EvalModel:
 class PassResult:
     """Per-item outputs, labels and MACs of one pass over the data, in dataset order."""
 
-    spec: MergeSpec
+    spec: MergeSetting
     outputs: Tensor
     labels: Optional[Tensor]
     macs: Optional[Tensor]
@@ -215,7 +135,7 @@ def _head(inputs: Any, count: int) -> Any:
     return inputs
 
 
-def _tokens_after_forward(model: EvalModel, spec: MergeSpec, inputs: Any, probe: Optional[list[int]]) -> Optional[list[int]]:
+def _tokens_after_forward(model: EvalModel, spec: MergeSetting, inputs: Any, probe: Optional[list[int]]) -> Optional[list[int]]:
     if spec.merges:
         from ..adapters.base import get_tag
 
@@ -245,7 +165,7 @@ def run_pass(
     model: EvalModel,
     loader_factory: Callable[[list[list[int]]], Any],
     batches: Sequence[Sequence[int]],
-    spec: MergeSpec,
+    spec: MergeSetting,
     ctx: Optional[DistContext] = None,
     progress: bool = False,
     warmup: bool = True,

@@ -14,47 +14,9 @@ from .base import Task, dataloader_factory, fixed_batches
 from .engine import EvalModel, PassResult
 from .metrics import topk_accuracy
 
-__all__ = ["ImageClassificationTask", "load_image_model", "load_image_dataset", "classifier_eval_model"]
+__all__ = ["ImageClassificationTask", "load_image_dataset", "classifier_eval_model"]
 
-
-def _timm_data_config(model: nn.Module) -> dict:
-    """timm's eval preprocessing, at the size the model was built for (``img_size=`` may differ from its cfg)."""
-    from timm.data import resolve_data_config
-
-    config = resolve_data_config({}, model=model)
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is not None:
-        config["input_size"] = (3, *tuple(size))
-    return config
-
-
-def load_image_model(spec: str, device: torch.device | str = "cpu", pretrained: bool = True,
-                     model_kwargs: Optional[dict] = None) -> tuple[nn.Module, Callable[[Any], Tensor], str]:
-    """(model, transform PIL -> tensor, kind) from ``timm:<name>``, ``hf:<id or folder>`` or a local HF folder.
-
-    timm/hub weights need a network (or a filled cache); ``pretrained=False`` gives random weights (smoke tests).
-    """
-    kind, sep, name = spec.partition(":")
-    if not sep and Path(spec).is_dir():
-        kind, name = "hf", spec
-    if kind == "timm":
-        import timm
-        from timm.data import create_transform
-
-        model = timm.create_model(name, pretrained=pretrained, **(model_kwargs or {}))
-        transform = create_transform(**_timm_data_config(model))
-        return model.eval().to(device), transform, "timm"
-    if kind == "hf":
-        from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-        model = AutoModelForImageClassification.from_pretrained(name, **(model_kwargs or {}))
-        processor = AutoImageProcessor.from_pretrained(name)
-
-        def transform(image: Any) -> Tensor:
-            return processor(image, return_tensors="pt")["pixel_values"][0]
-
-        return model.eval().to(device), transform, "hf"
-    raise ValueError(f"image model must be 'timm:<name>', 'hf:<id>' or a local Hugging Face folder, got {spec!r}")
+# models load through pitome.loading.load_model(spec, head="classifier")
 
 
 class _HFImageDataset:

@@ -30,7 +30,8 @@ from .. import zoo
 from ..config import preset_config
 from .base import ArrayDataset, Task, dataloader_factory, fixed_batches
 from .distributed import DistContext
-from .engine import EvalModel, MergeSpec
+from ..setting import MergeSetting
+from .engine import EvalModel
 from .metrics import l2_normalize
 from .probe import LinearProbe, ProbeTask, embed
 from .retrieval import RetrievalTask, train_projections
@@ -300,20 +301,22 @@ def _image_tasks(sizes: OfflineSizes, ctx: DistContext, progress: bool, log: Cal
 
 
 def offline_specs(algorithms: Optional[Sequence[str]], ratios: Sequence[float], tome_budget: str = "r",
-                  include_unmerged: bool = True, **common: Any) -> Callable[[Task], list[MergeSpec]]:
+                  include_unmerged: bool = True, per_algorithm: Optional[dict[str, dict]] = None, rs: Sequence[int] = (),
+                  **common: Any) -> Callable[[Task], list[MergeSetting]]:
     """Specs per task: PiToMe's text variant on the text task unless algorithms are given explicitly, and rows
     "auto" (``preset="auto"``: our measured defaults for the task's family, docs/ablation.md) at every ratio.
     "auto" may also be named in ``algorithms``."""
-    def specs(task: Task) -> list[MergeSpec]:
+    def specs(task: Task) -> list[MergeSetting]:
         text = task.name == TEXT_TASK
         names = list(algorithms) if algorithms else default_algorithms(text=text) + ["auto"]
         out = build_specs([n for n in names if n != "auto"], ratios, tome_budget=tome_budget,
-                          include_unmerged=include_unmerged, common=common)
+                          include_unmerged=include_unmerged, common=common, per_algorithm=per_algorithm, rs=rs)
         if "auto" in names:
             family = "text" if text else "vision"
             algorithm = preset_config("auto", 1, family)["algorithm"]
-            options = {k: v for k, v in common.items() if k != "preset"}
-            out += [MergeSpec.make(algorithm, ratio=float(ratio), name="auto", preset="auto", **options)
+            options = {**{k: v for k, v in common.items() if k != "preset"}, **(per_algorithm or {}).get("auto", {})}
+            out += [MergeSetting.make(algorithm, ratio=float(ratio), name="auto", preset="auto", **options)
                     for ratio in ratios]
+            out += [MergeSetting.make(algorithm, r=int(r), name="auto", preset="auto", **options) for r in rs]
         return out
     return specs

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from .base import Task
-from .engine import EvalModel, MergeSpec, PassResult, run_pass
+from ..setting import MergeSetting
+from .engine import EvalModel, PassResult, run_pass
 from .metrics import accuracy, cosine_fidelity, knn_predict
 
 __all__ = ["LinearProbe", "ProbeTask", "embed"]
@@ -87,7 +88,7 @@ def _fit_torch(z: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int)
 def embed(model: EvalModel, loader_factory: Any, batches: Sequence[Sequence[int]], ctx: Any = None,
           progress: bool = False, desc: str = "embedding") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Unmerged embeddings and labels of a whole dataset (e.g. the probe's training split)."""
-    result = run_pass(model, loader_factory, batches, MergeSpec.make(None), ctx, progress, warmup=False, desc=desc)
+    result = run_pass(model, loader_factory, batches, MergeSetting(), ctx, progress, warmup=False, desc=desc)
     return result.outputs, result.labels
 
 
@@ -135,31 +136,24 @@ class ProbeTask(Task):
                 "knn": f"weighted k-NN, k={self.knn_k}, cosine, T=0.07, unmerged train features", **self._info}
 
 
-def _image_encoder(spec: str, device: Any, pretrained: bool, model_kwargs: dict) -> tuple[EvalModel, Any]:
-    """timm model without its head (pooled features) or a Hugging Face vision encoder (pooler / class token)."""
-    kind, _, name = spec.partition(":")
-    if kind == "timm":
-        import timm
-        from timm.data import create_transform
+def _image_encoder(spec: str, device: Any, weights: str, model_kwargs: dict) -> tuple[EvalModel, Any]:
+    """Pooled features of an image model from ``pitome.loading`` (timm without its head; HF pooler / class token)."""
+    from ..cli.errors import UserError
+    from ..loading import load_model
 
-        from .image_classification import _timm_data_config
+    loaded = load_model(spec, weights=weights, head="features", device=device, model_kwargs=model_kwargs)
+    if loaded.modality != "image" or loaded.transform is None:
+        raise UserError(f"probe needs an image model with its preprocessing (timm: or hf:), got {spec}")
+    model = loaded.module
+    if loaded.library == "timm":
+        return EvalModel(target=model, run=model, name=spec), loaded.transform
 
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs).eval().to(device)
-        return EvalModel(target=model, run=model, name=spec), create_transform(**_timm_data_config(model))
-    if kind == "hf":
-        from transformers import AutoImageProcessor, AutoModel
+    def run(pixels: torch.Tensor) -> torch.Tensor:
+        out = model(pixel_values=pixels)
+        pooled = getattr(out, "pooler_output", None)
+        return pooled if pooled is not None else out.last_hidden_state[:, 0]
 
-        model = AutoModel.from_pretrained(name, **model_kwargs).eval().to(device)
-        processor = AutoImageProcessor.from_pretrained(name)
-
-        def run(pixels: torch.Tensor) -> torch.Tensor:
-            out = model(pixel_values=pixels)
-            pooled = getattr(out, "pooler_output", None)
-            return pooled if pooled is not None else out.last_hidden_state[:, 0]
-
-        return EvalModel(target=model, run=run, name=spec), \
-            (lambda image: processor(image, return_tensors="pt")["pixel_values"][0])
-    raise ValueError(f"probe model must be 'timm:<name>' or 'hf:<id>', got {spec!r}")
+    return EvalModel(target=model, run=run, name=spec), loaded.transform
 
 
 def build_image_probe_task(options: dict, ctx: Any, batch_size: int, model_kwargs: dict,
@@ -170,7 +164,8 @@ def build_image_probe_task(options: dict, ctx: Any, batch_size: int, model_kwarg
 
     if not options.get("train_data") or not options.get("data"):
         raise ValueError("probe needs --train-data and --data (image folders or hf:<dataset>)")
-    model, transform = _image_encoder(options["model"], ctx.device, not options.get("random_weights"), model_kwargs)
+    model, transform = _image_encoder(options["model"], ctx.device, options.get("weights") or "pretrained",
+                                      model_kwargs)
     columns = (options["image_column"], options["label_column"])
     train = load_image_dataset(options["train_data"], transform, options.get("train_split") or "train", *columns)
     test = load_image_dataset(options["data"], transform, options.get("split") or "validation", *columns)

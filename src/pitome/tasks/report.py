@@ -1,33 +1,24 @@
-"""Results of a run: a folder with the full configuration, JSON, CSV, PNG plots and readable tables."""
+"""What `pitome eval` prints and draws: readable tables, a conclusion per budget, accuracy and fidelity plots.
+
+Column names are the row keys, the same in the table, rows.csv and results.json. FLOPs: ``gflops`` per item and
+``flops_kept`` (fraction of the unmerged model's), shown in tables as "0.57 (-43%)". Rows carry ``items_per_s``
+of their one pass; it is not a speed-up measurement (not interleaved, not repeated): ``pitome bench`` is.
+"""
 
 from __future__ import annotations
 
-import csv
-import datetime as _dt
-import json
 import math
 import platform
-import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["results_dir", "environment", "write_results", "plot_rows", "format_table", "slug"]
+from ..results import flops_cell
 
+__all__ = ["environment", "plot_task", "format_table", "summary_lines", "METRIC_ORDER"]
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "run"
-
-
-def results_dir(base: str | Path, name: str) -> Path:
-    """A new folder ``base/<date>-<time>-<name>`` (a numeric suffix if it exists already)."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = Path(base) / f"{stamp}-{slug(name)}"
-    candidate, n = folder, 1
-    while candidate.exists():
-        n += 1
-        candidate = folder.with_name(f"{folder.name}-{n}")
-    candidate.mkdir(parents=True)
-    return candidate
+METRIC_ORDER = ("top1", "top5", "accuracy", "unparsed", "precision", "recall", "f1", "yes_ratio", "perception",
+                "cognition", "visual_tokens", "prefill_gflops", "latency_ms", "probe_acc", "knn_acc", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5",
+                "i2t_r10", "rsum", "agreement", "fidelity")
 
 
 def environment() -> dict[str, Any]:
@@ -50,91 +41,82 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def write_results(folder: Path, rows: Sequence[dict], config: dict, tasks: Sequence[dict] = ()) -> dict[str, Path]:
-    """config.json (the full configuration + environment), results.json and results.csv."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {"config": folder / "config.json", "json": folder / "results.json", "csv": folder / "results.csv"}
-    paths["config"].write_text(json.dumps(_clean({**config, "environment": environment()}), indent=2, default=str))
-    paths["json"].write_text(json.dumps(_clean({"tasks": list(tasks), "rows": list(rows)}), indent=2, default=str))
-    keys: list[str] = []
-    for row in rows:
-        keys.extend(k for k in row if k not in keys)
-    with paths["csv"].open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
-    return paths
-
-
-def plot_rows(rows: Sequence[dict], metric: str, path: Path, title: str) -> Optional[Path]:
-    """Metric against GFLOPs per item: one curve per algorithm, the unmerged model as a star.
-
-    Returns None (and writes nothing) when matplotlib is not installed or no row has the metric.
-    """
-    points = [r for r in rows if isinstance(r.get(metric), (int, float)) and isinstance(r.get("gflops"), (int, float))
-              and math.isfinite(r[metric]) and math.isfinite(r["gflops"])]
-    if not points:
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    for name in dict.fromkeys(r["algorithm"] for r in points):
-        mine = sorted((r for r in points if r["algorithm"] == name), key=lambda r: r["gflops"])
-        xs, ys = [r["gflops"] for r in mine], [r[metric] for r in mine]
-        if name == "unmerged":
-            ax.scatter(xs, ys, marker="*", s=160, color="black", zorder=5, label="unmerged")
-        else:
-            ax.plot(xs, ys, marker="o", label=name)
-    ax.set_xlabel("GFLOPs per item (MACs of the encoder blocks)")
-    ax.set_ylabel(metric)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _fmt(value: Any) -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     if isinstance(value, float):
-        if not math.isfinite(value):
-            return "-"
         return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
     return str(value)
 
 
 def format_table(rows: Sequence[dict], metrics: Sequence[str]) -> str:
-    """A fixed-width text table: algorithm, budget, GFLOPs, items/s, speed-up, then the given metrics."""
-    header = ["algorithm", "budget", "GFLOPs", "FLOPs x", "items/s", "speed-up", *metrics]
+    """Fixed-width text table; headers are the row keys."""
+    header = ["algorithm", "budget", "gflops", "flops_kept", "items_per_s", *metrics]
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["algorithm"], r["budget"], "error: " + r["error"][:60]] + [""] * (len(header) - 3))
+            body.append([r["algorithm"], r["budget"], "error: " + r["error"][:70]] + [""] * (len(header) - 3))
             continue
-        flops_x = 1 / r["flops_ratio"] if r.get("flops_ratio") else None
-        body.append([r["algorithm"], r["budget"], _fmt(r.get("gflops")), _fmt(flops_x), _fmt(r.get("items_per_s")),
-                     _fmt(r.get("speedup")), *(_fmt(r.get(m)) for m in metrics)])
+        body.append([r["algorithm"], r["budget"], _fmt(r.get("gflops")), flops_cell(r.get("flops_kept")),
+                     _fmt(r.get("items_per_s")), *(_fmt(r.get(m)) for m in metrics)])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths)),
-             "  ".join("-" * w for w in widths)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in body]
     return "\n".join(lines)
+
+
+def _budget_key(row: dict) -> Any:
+    return row.get("matched_ratio") or row.get("ratio") or row.get("budget")
+
+
+def summary_lines(rows: Sequence[dict], primary: str) -> list[str]:
+    """One conclusion per budget: best by the task metric and by fidelity, against the unmerged model."""
+    base = next((r for r in rows if r.get("algorithm") == "unmerged" and "error" not in r), None)
+    groups: dict[Any, list[dict]] = {}
+    for row in rows:
+        if row.get("algorithm") != "unmerged" and "error" not in row:
+            groups.setdefault(_budget_key(row), []).append(row)
+    lines = []
+    for key, members in groups.items():
+        kept = [r["flops_kept"] for r in members if _finite(r.get("flops_kept"))]
+        flops = f" ({flops_cell(sum(kept) / len(kept)).split(' ', 1)[1].strip('()')} FLOPs)" if kept else ""
+        parts = []
+        for metric in (primary, "fidelity"):
+            scored = [r for r in members if _finite(r.get(metric))]
+            if not scored:
+                continue
+            best = max(scored, key=lambda r: r[metric])
+            ref = f", unmerged {_fmt(base[metric])}" if base is not None and _finite(base.get(metric)) else ""
+            parts.append(f"best {metric}: {best['algorithm']} {_fmt(best[metric])}{ref}")
+        label = f"ratio {key:g}" if isinstance(key, float) else str(key)
+        lines.append(f"  {label}{flops}: " + "; ".join(parts))
+    return lines
+
+
+def plot_task(rows: Sequence[dict], primary: str, path: Path, title: str, sub: str) -> Optional[Path]:
+    """The task metric (left) and fidelity to the unmerged model (right) against GFLOPs per item."""
+    from ..plotting import legend_outside, metric_label, pyplot, save, style, titled
+
+    metrics = [m for m in (primary, "fidelity" if any("fidelity" in r for r in rows) else "agreement")
+               if any(_finite(r.get(m)) for r in rows)]
+    points = [r for r in rows if _finite(r.get("gflops"))]
+    if not metrics or not points:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.0), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for name in dict.fromkeys(r["algorithm"] for r in points):
+            mine = sorted((r for r in points if r["algorithm"] == name and _finite(r.get(metric))),
+                          key=lambda r: r["gflops"])
+            if mine:
+                ax.plot([r["gflops"] for r in mine], [r[metric] for r in mine], label=name, **style(name))
+        ax.set_xlabel(metric_label("gflops"))
+        ax.set_ylabel(metric_label(metric))
+        ax.grid(alpha=0.3)
+    titled(fig, title, sub)
+    legend_outside(fig, list(axes[0]))
+    return save(fig, path)

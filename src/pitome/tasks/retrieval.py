@@ -137,36 +137,29 @@ class DualEncoder:
     name: str
 
 
-def load_dual_encoder(spec: str, device: torch.device | str = "cpu") -> DualEncoder:
-    """``hf:<id or folder>`` (CLIPModel) or ``openclip:<arch>/<pretrained tag>``; needs a network for hub ids."""
-    kind, _, name = spec.partition(":")
-    if kind == "hf":
-        from transformers import AutoProcessor, CLIPModel
+def load_dual_encoder(spec: str, device: torch.device | str = "cpu", weights: str = "pretrained") -> DualEncoder:
+    """An image-text model from ``pitome.loading`` (``hf:`` CLIP-style or ``openclip:ARCH/TAG``) as two embedders."""
+    from ..cli.errors import UserError
+    from ..loading import load_model
 
-        model = CLIPModel.from_pretrained(name).eval().to(device)
-        processor = AutoProcessor.from_pretrained(name)
+    loaded = load_model(spec, weights=weights, head="dual", device=device)
+    model = loaded.full
+    if model is None or loaded.tokenizer is None:
+        raise UserError(f"retrieval needs an image-text model with a tokenizer (hf: CLIP-style or openclip:), "
+                        f"got {spec}")
+    if loaded.library == "openclip":
+        tokenizer = loaded.tokenizer
+        return DualEncoder(loaded.module, lambda p: model.encode_image(p),
+                           lambda b: model.encode_text(tokenizer(b).to(device)), loaded.transform, loaded.describe())
 
-        def images(pixels: Tensor) -> Tensor:
-            return _features(model.get_image_features(pixel_values=pixels))
+    def images(pixels: Tensor) -> Tensor:
+        return _features(model.get_image_features(pixel_values=pixels))
 
-        def texts(batch: list[str]) -> Tensor:
-            enc = processor.tokenizer(batch, padding=True, truncation=True, return_tensors="pt").to(device)
-            return _features(model.get_text_features(**enc))
+    def texts(batch: list[str]) -> Tensor:
+        enc = loaded.tokenizer(batch, padding=True, truncation=True, return_tensors="pt").to(device)
+        return _features(model.get_text_features(**enc))
 
-        def transform(image: Any) -> Tensor:
-            return processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
-
-        return DualEncoder(model, images, texts, transform, f"hf:{name}")
-    if kind == "openclip":
-        import open_clip
-
-        arch, _, tag = name.partition("/")
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag or None)
-        model = model.eval().to(device)
-        tokenizer = open_clip.get_tokenizer(arch)
-        return DualEncoder(model.visual, lambda p: model.encode_image(p),
-                           lambda b: model.encode_text(tokenizer(b).to(device)), preprocess, f"openclip:{name}")
-    raise ValueError(f"retrieval model must be 'hf:<CLIP id or folder>' or 'openclip:<arch>/<tag>', got {spec!r}")
+    return DualEncoder(model, images, texts, loaded.transform, loaded.describe())
 
 
 def _features(out: Any) -> Tensor:
@@ -262,7 +255,7 @@ def build_retrieval_task(options: dict, ctx: Any, batch_size: int) -> RetrievalT
         keep = set(range(min(limit, len(data.images))))
         pairs = [(c, o) for c, o in zip(data.captions, data.caption_image) if o in keep]
         data = CaptionData(data.images[: len(keep)], [c for c, _ in pairs], [o for _, o in pairs])
-    encoder = load_dual_encoder(options["model"], ctx.device)
+    encoder = load_dual_encoder(options["model"], ctx.device, options.get("weights") or "pretrained")
     with torch.no_grad():
         texts = torch.cat([encoder.embed_texts(data.captions[i:i + batch_size]).float().cpu()
                            for i in range(0, len(data.captions), batch_size)])

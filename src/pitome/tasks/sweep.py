@@ -13,12 +13,12 @@ import time
 import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
-
 from ..flops import EncoderShape
+from ..setting import MergeSetting
 from ..solver import ModelCost, match_flops
 from .base import Task
 from .distributed import DistContext
-from .engine import MergeSpec, PassResult, run_pass
+from .engine import PassResult, run_pass
 
 __all__ = ["default_algorithms", "build_specs", "match_r", "run_sweep", "VARIANTS"]
 
@@ -42,8 +42,10 @@ def build_specs(
     include_unmerged: bool = True,
     common: Optional[dict] = None,
     per_algorithm: Optional[dict[str, dict]] = None,
-) -> list[MergeSpec]:
-    """The unmerged model, then every algorithm at every keep-ratio (ToMe: FLOPs-matched r by default)."""
+    rs: Sequence[int] = (),
+) -> list[MergeSetting]:
+    """The unmerged model, then every algorithm at every keep-ratio (ToMe: FLOPs-matched r by default), then at
+    every fixed r in ``rs``."""
     if tome_budget not in ("r", "ratio"):
         raise ValueError(f"tome_budget must be 'r' (ToMe's fixed r at equal FLOPs) or 'ratio', got {tome_budget!r}")
     for ratio in ratios:
@@ -55,14 +57,15 @@ def build_specs(
     for name in algorithms:
         if name not in known:
             raise ValueError(f"unknown algorithm {name!r}; available: {', '.join(known)}")
-    specs = [MergeSpec.make(None)] if include_unmerged else []
+    specs = [MergeSetting.make(None)] if include_unmerged else []
     for name in algorithms:
         kwargs = {**(common or {}), **((per_algorithm or {}).get(name, {}))}
         for ratio in ratios:
             if name == "tome" and tome_budget == "r":
-                specs.append(MergeSpec.make(name, match_ratio=float(ratio), **kwargs))
+                specs.append(MergeSetting.make(name, equal_flops_to=MergeSetting.make(name, ratio=ratio), **kwargs))
             else:
-                specs.append(MergeSpec.make(name, ratio=float(ratio), **kwargs))
+                specs.append(MergeSetting.make(name, ratio=float(ratio), **kwargs))
+        specs += [MergeSetting.make(name, r=int(r), **kwargs) for r in rs]
     return specs
 
 
@@ -78,7 +81,7 @@ def match_r(shape: EncoderShape, num_layers: int, num_protected: int, lengths: S
     return int(solution.r), solution.macs, target
 
 
-def _resolve(spec: MergeSpec, task: Task, lengths: Sequence[int]) -> MergeSpec:
+def _resolve(spec: MergeSetting, task: Task, lengths: Sequence[int]) -> MergeSetting:
     import pitome
 
     if spec.match_ratio is None or spec.r is not None:
@@ -86,13 +89,12 @@ def _resolve(spec: MergeSpec, task: Task, lengths: Sequence[int]) -> MergeSpec:
     shape = task.model.encoder_shape()
     if shape is None:
         raise ValueError(f"{task.name}: cannot read the model's widths, so FLOPs cannot be matched; give r")
-    options = {k: v for k, v in spec.options.items()}
-    with pitome.patched(task.model.target, spec.algorithm, r=0, **options):
+    with pitome.patched(task.model.target, spec.algorithm, r=0, **spec.patch_options):
         settings = pitome.settings(task.model.target)
         num_layers, protected = settings.num_layers, settings.num_protected
         layers = [index for index, layer in enumerate(settings.layers) if layer.merges]
     r, _, _ = match_r(shape, num_layers, protected, lengths, spec.match_ratio, layers)
-    return spec.with_r(r)
+    return spec.with_budget(r=r)
 
 
 def _lengths(task: Task, reference: Optional[PassResult]) -> list[int]:
@@ -109,12 +111,11 @@ def _row(task: Task, result: PassResult, reference: Optional[PassResult], metric
     row: dict[str, Any] = {
         "task": task.name, "algorithm": spec.display, "budget": spec.budget,
         "ratio": spec.ratio, "r": spec.r if not isinstance(spec.r, tuple) else list(spec.r),
-        "matched_ratio": spec.match_ratio, "options": json.dumps(spec.options, sort_keys=True, default=str),
+        "matched_ratio": spec.match_ratio, "options": json.dumps(spec.patch_options, sort_keys=True, default=str),
         "items": result.items, "gflops": result.gflops, "items_per_s": result.items_per_s,
     }
-    if reference is not None:
-        row["flops_ratio"] = result.gflops / reference.gflops if reference.gflops else math.nan
-        row["speedup"] = result.items_per_s / reference.items_per_s if reference.items_per_s else math.nan
+    if reference is not None:  # no speed-up here: one pass per row, not interleaved (pitome bench measures speed)
+        row["flops_kept"] = result.gflops / reference.gflops if reference.gflops else math.nan
     row.update(metrics)
     row["tokens_per_layer"] = result.tokens_per_layer
     return row
@@ -122,20 +123,22 @@ def _row(task: Task, result: PassResult, reference: Optional[PassResult], metric
 
 def run_sweep(
     tasks: Sequence[Task],
-    specs: Union[Sequence[MergeSpec], Callable[[Task], Sequence[MergeSpec]]],
+    specs: Union[Sequence[MergeSetting], Callable[[Task], Sequence[MergeSetting]]],
     ctx: Optional[DistContext] = None,
     progress: bool = False,
     log: Optional[Callable[[str], None]] = None,
+    on_row: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> list[dict[str, Any]]:
     """Every spec on every task; tasks with the same ``pass_key`` share passes. Returns one row per pair.
 
     specs: one list for all tasks, or a function giving each task its list (e.g. PiToMe's text variant for text).
 
     A spec that fails (e.g. a model the algorithm cannot patch) gives a row with ``error`` and the sweep goes on.
+    ``on_row(row)`` is called as each row finishes (the CLI streams rows to disk with it).
     """
     ctx = ctx or DistContext()
     say = log or (lambda text: None)
-    passes: dict[tuple[str, MergeSpec], PassResult] = {}
+    passes: dict[tuple[str, MergeSetting], PassResult] = {}
     references: dict[str, PassResult] = {}
     rows: list[dict[str, Any]] = []
     for task in tasks:
@@ -158,11 +161,14 @@ def run_sweep(
                 if not spec.merges:
                     references.setdefault(task.pass_key, result)
                 reference = references.get(task.pass_key)
-                rows.append(_row(task, result, reference, task.metrics(result, reference)))
+                row = _row(task, result, reference, task.metrics(result, reference))
             except (ValueError, TypeError, RuntimeError) as error:
                 warnings.warn(f"{task.name}: {spec.label} failed: {error}", stacklevel=2)
-                rows.append({"task": task.name, "algorithm": spec.display, "budget": spec.budget,
-                             "ratio": spec.ratio, "matched_ratio": spec.match_ratio,
-                             "options": json.dumps(spec.options, sort_keys=True, default=str),
-                             "error": f"{type(error).__name__}: {error}"})
+                row = {"task": task.name, "algorithm": spec.display, "budget": spec.budget,
+                       "ratio": spec.ratio, "matched_ratio": spec.match_ratio,
+                       "options": json.dumps(spec.patch_options, sort_keys=True, default=str),
+                       "error": f"{type(error).__name__}: {error}"}
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
     return rows

@@ -16,7 +16,7 @@ from .base import ArrayDataset, Task, dataloader_factory, fixed_batches, iter_js
 from .engine import EvalModel, PassResult
 from .metrics import accuracy
 
-__all__ = ["TextExamples", "read_text_file", "load_text_data", "TextClassificationTask", "load_text_classifier",
+__all__ = ["TextExamples", "read_text_file", "load_text_data", "TextClassificationTask",
            "map_labels"]
 
 
@@ -128,17 +128,6 @@ def map_labels(labels: Sequence[Any], label2id: Optional[dict], num_labels: int,
             raise ValueError(f"{source}: label {value} of example {index} is outside the model's {num_labels} classes")
         out.append(value)
     return out
-
-
-def load_text_classifier(spec: str, device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from ``hf:<id or folder>`` (needs a network for hub ids)."""
-    name = spec[3:] if spec.startswith("hf:") else spec
-    if spec.startswith("timm:") or not name:
-        raise ValueError(f"text model must be 'hf:<id>' or a local Hugging Face folder, got {spec!r}")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model = AutoModelForSequenceClassification.from_pretrained(name).eval().to(device)
-    return model, AutoTokenizer.from_pretrained(name)
 
 
 class TextClassificationTask(Task):
