@@ -431,8 +431,9 @@ def calibrated(bench: Bench, kwargs: dict, reduction: float) -> "pitome.Calibrat
         return pitome.Calibration.load(path)
     inputs = bench.calibration()
     print(f"    calibrating {setting} at -{reduction:.0%} FLOPs on {sizes['calibration']} training items", flush=True)
+    options = {k: v for k, v in setting.items() if k != "preset"}
     result = pitome.calibrate(bench.model.target, inputs, flops_reduction=reduction, output=bench.model.run,
-                              max_forwards=sizes["forwards"], seed=SEED, **setting)
+                              max_forwards=sizes["forwards"], seed=SEED, preset=setting.get("preset"), **options)
     print("    " + result.summary().replace("\n", "\n    "), flush=True)
     result.save(path)
     return result

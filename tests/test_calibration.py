@@ -42,7 +42,7 @@ def test_timm_vit_meets_target_and_is_deterministic(make_vit, images):
 def test_macs_target_and_explicit_algorithm(make_vit, images):
     model, x = make_vit(num_classes=0), images(batch=8)
     base = _macs_without_merge_steps(model, x)
-    result = pitome.calibrate(model, x, macs=0.6 * base, algorithm="tome", prop_attn=True, preset=None,
+    result = pitome.calibrate(model, x, macs=0.6 * base, algorithm="tome", prop_attn=True,
                               max_forwards=FORWARDS)
     assert result.distance == "cosine"  # features, not logits
     assert result.patch == {"algorithm": "tome", "prop_attn": True}
@@ -162,3 +162,28 @@ def test_load_rejects_other_files(tmp_path):
     bad.write_text('{"format": "pitome.calibration/1", "ratios": [0.5, 2.0]}')
     with pytest.raises(ValueError, match="keep-ratios in"):
         pitome.Calibration.load(bad)
+
+
+def test_patch_one_liners(make_vit, images, tmp_path):
+    model, x = make_vit(), images(batch=8)
+    base = _macs_without_merge_steps(model, x)
+    pitome.patch(model, flops_reduction=0.4, example_input=x)  # uniform keep-ratio via pitome.solver
+    config = pitome.settings(model).config
+    assert isinstance(config.ratio, float) and config.preset is None
+    assert _macs_without_merge_steps(model, x) / (0.6 * base) == pytest.approx(1.0, abs=0.02)  # one ratio: coarse
+    pitome.patch(model, preset="auto", flops_reduction=0.4, calibrate=x)  # calibrated (unpatches first)
+    config = pitome.settings(model).config
+    assert isinstance(config.ratio, list) and len(config.ratio) == 4 and config.preset == "auto"
+    assert _macs_without_merge_steps(model, x) / (0.6 * base) == pytest.approx(1.0, abs=0.01)
+    pitome.unpatch(model)
+    result = pitome.calibrate(model, x, flops_reduction=0.4, max_forwards=FORWARDS)
+    result.save(tmp_path / "b.json")
+    pitome.patch(model, calibrate=str(tmp_path / "b.json"), trace_source=True)
+    assert list(pitome.settings(model).config.ratio) == list(result.ratios)
+    assert pitome.settings(model).config.trace_source
+    with pytest.raises(ValueError, match="not both"):
+        pitome.patch(model, ratio=0.9, flops_reduction=0.4, example_input=x)
+    with pytest.raises(ValueError, match="needs example_input"):
+        pitome.patch(model, flops_reduction=0.4)
+    with pytest.raises(ValueError, match="already fixes the budget"):
+        pitome.patch(model, calibrate=result, flops_reduction=0.3)

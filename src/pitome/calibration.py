@@ -288,7 +288,7 @@ def calibrate(
     *,
     flops_reduction: Optional[float] = None,
     macs: Optional[float] = None,
-    preset: Optional[str] = "auto",
+    preset: Optional[str] = None,
     algorithm: Any = None,
     output: Optional[Callable[[Any], Tensor]] = None,
     distance: Optional[str] = None,
@@ -302,7 +302,8 @@ def calibrate(
                      padded text needs its ``attention_mask`` (budgets and FLOPs follow each item's real length).
     flops_reduction: share of the unmerged model's FLOPs to remove, in (0, 1) (stem and head included, merge
                      steps excluded, as ``pitome.solver``); or ``macs``: the MACs per item to reach.
-    preset / algorithm / patch_kwargs: the setting whose budgets are calibrated (default ``preset="auto"``).
+    preset / algorithm / patch_kwargs: the setting whose budgets are calibrated (``preset="auto"`` when no
+                     algorithm is given).
     output:          inputs -> (batch, dim) tensor compared with the unmerged model's (default: the logits if
                      the model returns them, else its pooled embedding).
     distance:        'cosine' (embeddings) or 'kl' (logits); default 'kl' for logits, else 'cosine'.
@@ -332,6 +333,8 @@ def calibrate(
     adapter = find_adapter(model)
     num_layers = adapter.num_layers(model)
     family = getattr(adapter, "family", None) or None
+    if preset is None and algorithm is None:
+        preset = "auto"
     setting = {"algorithm": algorithm, "preset": preset, **patch_kwargs}
     setting = {k: v for k, v in setting.items() if v is not None}
     # validate the setting (and learn the algorithm's cap) before any forward
@@ -429,3 +432,53 @@ def _returns_logits(model: nn.Module, inputs: Any) -> bool:
     config = getattr(model, "config", None)
     return type(model).__name__.endswith("ForImageClassification") or type(model).__name__.endswith(
         "ForSequenceClassification") if config is not None else False
+
+
+# --- pitome.patch(..., flops_reduction=..., example_input=... | calibrate=...) ---------------------------------
+
+def patch_arguments(model: nn.Module, kwargs: dict, flops_reduction: Optional[float], example_input: Any,
+                    source: Any) -> dict:
+    """``pitome.patch`` arguments with the budget filled in from a FLOPs target or a calibration.
+
+    - ``flops_reduction`` + ``example_input``: the uniform keep-ratio that removes that share of the FLOPs on
+      ``example_input`` (``pitome.solver``);
+    - ``flops_reduction`` + ``calibrate=<batch>``: per-block keep-ratios calibrated on that batch (``calibrate``);
+    - ``calibrate=<Calibration or path to its JSON>``: a saved calibration (its setting, then explicit arguments).
+    ``model`` must not be patched (``pitome.patch`` unpatches it first).
+    """
+    if "ratio" in kwargs or "r" in kwargs:
+        raise ValueError("give either a budget (ratio / r) or flops_reduction / calibrate, not both")
+    if isinstance(source, (str, Path)):
+        source = Calibration.load(source)
+    if isinstance(source, Calibration):
+        if flops_reduction is not None or example_input is not None:
+            raise ValueError("a Calibration already fixes the budget; do not pass flops_reduction or example_input")
+        return {**source.patch_kwargs(), **kwargs}
+    if flops_reduction is None:
+        raise ValueError("calibrate=<batch> and example_input need flops_reduction=<share of FLOPs to remove, in (0, 1)>")
+    if source is not None:
+        if example_input is not None:
+            raise ValueError("give example_input (uniform schedule) or calibrate=<batch> (calibrated), not both")
+        return calibrate(model, source, flops_reduction=flops_reduction, **kwargs).patch_kwargs()
+    if example_input is None:
+        raise ValueError("flops_reduction needs example_input=<one batch> (uniform schedule) or calibrate=<batch> "
+                         "(per-block budgets calibrated on it)")
+    return {**kwargs, "ratio": uniform_ratio(model, example_input, flops_reduction, kwargs)}
+
+
+def uniform_ratio(model: nn.Module, example_input: Any, flops_reduction: float, kwargs: dict) -> float:
+    """The keep-ratio (every block) removing ``flops_reduction`` of the FLOPs on ``example_input``."""
+    from .api import patched, settings
+    from .solver import ModelCost, solve
+
+    if isinstance(flops_reduction, bool) or not isinstance(flops_reduction, (int, float)) or \
+            not 0.0 < flops_reduction < 1.0:
+        raise ValueError(f"flops_reduction must be a number in (0, 1) (share of FLOPs removed), got {flops_reduction!r}")
+    _check_inputs(example_input)
+    with patched(model, ratio=1.0, **kwargs):  # validates the setting and resolves its algorithm and metric
+        config = settings(model).config
+        layers = config.layers
+    algorithm = config.algorithm if isinstance(config.algorithm, str) else next(
+        (a for a in config.algorithm if a is not None), "pitome")
+    cost = ModelCost.from_model(model, example_input, metric=config.metric)
+    return float(solve(cost, float(flops_reduction), algorithm, by="ratio", layers=layers).ratio)

@@ -48,7 +48,7 @@ class MergeSpec:
     def make(algorithm: Optional[str], ratio: Optional[float] = None, r: Any = None,
              match_ratio: Optional[float] = None, name: Optional[str] = None, **kwargs: Any) -> "MergeSpec":
         items = tuple(sorted((k, _freeze(v)) for k, v in kwargs.items() if v is not None))
-        return MergeSpec(algorithm, ratio, _freeze(r), match_ratio, items, name)
+        return MergeSpec(algorithm, _freeze(ratio), _freeze(r), match_ratio, items, name)
 
     @property
     def display(self) -> str:
@@ -66,6 +66,8 @@ class MergeSpec:
     def budget(self) -> str:
         if not self.merges:
             return "-"
+        if isinstance(self.ratio, tuple):  # per-block keep-ratios (e.g. pitome.calibrate)
+            return "ratio=[" + ", ".join(f"{v:g}" for v in self.ratio) + "]"
         if self.ratio is not None:
             return f"ratio={self.ratio:g}"
         if self.r is not None:
