@@ -187,3 +187,11 @@ def test_patch_one_liners(make_vit, images, tmp_path):
         pitome.patch(model, flops_reduction=0.4)
     with pytest.raises(ValueError, match="already fixes the budget"):
         pitome.patch(model, calibrate=result, flops_reduction=0.3)
+
+
+def test_targets_near_the_cap_are_still_met(make_vit, images):
+    """Candidates whose capped blocks cannot reach the target are rejected, not scored at fewer FLOPs removed."""
+    model, x = make_vit(), images(batch=8)
+    result = pitome.calibrate(model, x, flops_reduction=0.6, max_forwards=FORWARDS)
+    assert all(ratio >= 0.5 for ratio in result.ratios)  # never more than a bipartite step can remove
+    _check_target(model, x, result, 0.6)

@@ -35,7 +35,7 @@ __all__ = ["Calibration", "calibrate", "output_distance"]
 
 FORMAT = "pitome.calibration/1"
 MIN_RATIO = 0.05          # a block never keeps less than this share of its candidates (bipartite merges: 0.5)
-TRIM_TOLERANCE = 0.005   # a schedule further than this from the FLOPs target gets a one-block trim
+TRIM_TOLERANCE = 0.005   # relative FLOPs error: above it a schedule gets a one-block trim, then is rejected
 RAMP_SLOPES = (-0.9, -0.45, 0.45, 0.9)   # w_l = 1 + slope * (2 l / (L - 1) - 1): > 0 merges more in late blocks
 
 
@@ -383,7 +383,9 @@ def calibrate(
         return float(output_distance(merged, reference, distance).mean())
 
     def evaluate(weights: Sequence[float]) -> tuple[float, list[float], list[float]]:
-        ratios, _ = cost.schedule(weights, target)
+        ratios, achieved = cost.schedule(weights, target)
+        if abs(achieved / target - 1.0) > TRIM_TOLERANCE:  # capped blocks cannot make up the rest: not a candidate
+            return math.inf, ratios, list(weights)
         key = tuple(ratios)
         if key not in seen:
             seen[key] = distortion(ratios)
