@@ -138,6 +138,10 @@ class MergeSetting:
         if self.solved:
             raise ValueError(f"setting {self.label!r} has a budget solved per model; resolve it for a model first")
         kwargs: dict = self.option_dict
+        if self.budgets is not None:  # a calibration file (pitome calibrate): its setting and per-block ratios
+            from .calibration import Calibration
+
+            return {**Calibration.load(self.budgets).patch_kwargs(), **kwargs}
         for key in ("algorithm", "ratio", "preset"):
             if getattr(self, key) is not None:
                 kwargs[key] = getattr(self, key)
