@@ -442,8 +442,7 @@ def calibrated(bench: Bench, kwargs: dict, reduction: float) -> "pitome.Calibrat
 def _reduction_spec(task: TaskDef, bench: Bench, split: str, kwargs: dict, reduction: float) -> MergeSpec:
     """Calibrated settings use their own per-block keep-ratios; uniform ones the keep-ratio whose mean FLOPs over
     the split's lengths equal those of the calibrated auto setting (the anchor of every comparison)."""
-    from pitome.schedule import resolve_budgets
-    from pitome.tasks.sweep import _mean_macs
+    from pitome.solver import ModelCost, match_flops
 
     kwargs = dict(kwargs)
     algorithm = kwargs.pop("algorithm")
@@ -451,20 +450,14 @@ def _reduction_spec(task: TaskDef, bench: Bench, split: str, kwargs: dict, reduc
         result = calibrated(bench, {"algorithm": algorithm, **kwargs}, reduction)
         return MergeSpec.make(algorithm, ratio=list(result.ratios), **kwargs)
     anchor = calibrated(bench, calibration_configs(task)["auto (calibrated)"], reduction)
-    shape, lengths, n = bench.model.encoder_shape(), bench.lengths[split], len(anchor.ratios)
+    lengths = bench.lengths[split]
     with pitome.patched(bench.model.target, algorithm, r=0, **kwargs):
         protected = pitome.settings(bench.model.target).num_protected
-
-    def macs(ratio: Any) -> float:
-        return _mean_macs(shape, resolve_budgets(n, ratio=ratio), lengths, protected)
-
-    target = macs(list(anchor.ratios))
-    lo, hi = 1e-3, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if macs(mid) < target else (lo, mid)
-    best = min((lo, hi), key=lambda v: abs(macs(v) - target))
-    return MergeSpec.make(algorithm, ratio=round(best, 4), **kwargs)
+    cost = ModelCost(shape=bench.model.encoder_shape(), num_layers=len(anchor.ratios), num_tokens=max(lengths),
+                     num_protected=protected, lengths=tuple(int(n) for n in lengths),
+                     frozen=1 if bench.family == "text" else 0)
+    target = cost.macs(ratio=list(anchor.ratios), algorithm=anchor.patch.get("algorithm", algorithm))
+    return MergeSpec.make(algorithm, ratio=match_flops(cost, target, algorithm, by="ratio").ratio, **kwargs)
 
 
 def _spec(task: TaskDef, bench: Bench, split: str, kwargs: dict, ratio: float) -> MergeSpec:

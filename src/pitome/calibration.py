@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .flops import EncoderShape, block_macs, count_macs, run_forward
+from .flops import count_macs, run_forward
+from .solver import ModelCost
 
 __all__ = ["Calibration", "calibrate", "output_distance"]
 
@@ -151,47 +152,23 @@ def _default_output(model: nn.Module, family: Optional[str]) -> Callable[[Any], 
 # --- FLOPs of a keep-ratio schedule, per item ----------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _CostModel:
-    """Per-item MACs of a per-block keep-ratio schedule on the calibration items (grouped by length)."""
+class _Budgeter:
+    """Per-block keep-ratio schedules at a FLOPs target. MACs per item come from ``pitome.solver.ModelCost`` (the
+    library's one token-count rule, mean over the items' own lengths), so they are what a forward does."""
 
-    shape: EncoderShape
-    lengths: tuple[int, ...]          # distinct tokens entering block 0 (padding excluded)
-    weights: tuple[float, ...]        # share of items with that length
-    num_layers: int
-    num_protected: int
-    frozen: int                       # tokens never merged besides the protected ones (text: the last token)
-    extra_macs: float                 # stem and head per item (the same whatever the budget)
-    max_removable: Callable[[int], int]
-
-    @property
-    def min_ratio(self) -> float:
-        """The lowest keep-ratio that stays within one merge step's cap (0.5 for bipartite matching), so a
-        calibrated schedule never asks for more than a block can remove."""
-        return min(max(1.0 - self.max_removable(1000) / 1000, MIN_RATIO), 1.0)
-
-    def token_counts(self, ratios: Sequence[float], tokens: int) -> list[int]:
-        counts = [tokens]
-        for rho in ratios:
-            candidates = tokens - self.num_protected - self.frozen
-            if candidates > 0:
-                removed = math.floor(candidates - candidates * rho)
-                tokens -= max(0, min(removed, int(self.max_removable(candidates))))
-            counts.append(tokens)
-        return counts
+    cost: ModelCost
+    algorithm: str
+    min_ratio: float   # the lowest keep-ratio within one merge step's cap (bipartite: just above 0.5)
 
     def macs(self, ratios: Sequence[float]) -> float:
-        total = self.extra_macs
-        for n, share in zip(self.lengths, self.weights):
-            counts = self.token_counts(ratios, n)
-            total += share * sum(block_macs(self.shape, counts[i], counts[i + 1]) for i in range(self.num_layers))
-        return total
+        return float(self.cost.macs(ratio=list(ratios), algorithm=self.algorithm))
 
     @property
     def base_macs(self) -> float:
-        return self.macs([1.0] * self.num_layers)
+        return self.macs([1.0] * self.cost.num_layers)
 
     def lowest_macs(self) -> float:
-        return self.macs([self.min_ratio] * self.num_layers)
+        return self.macs([self.min_ratio] * self.cost.num_layers)
 
     def schedule(self, weights: Sequence[float], target: float) -> tuple[list[float], float]:
         """Keep-ratios rho_l = 1 - t w_l with the t whose MACs come closest to ``target``."""
@@ -218,7 +195,7 @@ class _CostModel:
         """Move one block's ratio alone: down from the schedule just above the target, or up from the one just
         below it; the block and ratio whose MACs come closest to the target win (single-token steps)."""
         for start, low, high in ((above, self.min_ratio, None), (below, None, 1.0)):
-            for layer in range(self.num_layers):
+            for layer in range(self.cost.num_layers):
                 def with_layer(value: float) -> list[float]:
                     out = list(start)
                     out[layer] = value
@@ -237,12 +214,11 @@ class _CostModel:
         return best
 
 
-def _max_removable(algorithm: Any) -> Callable[[int], int]:
-    from .algorithms import algorithm_class
-
-    name = algorithm[0] if isinstance(algorithm, (list, tuple)) else algorithm
-    instance = algorithm_class(name or "pitome")()
-    return lambda candidates: int(instance.max_removable(candidates))
+def _min_ratio(algorithm: Any) -> float:
+    """Just above the share one step can remove (bipartite: 0.5), so no block asks for more than its cap, also
+    when a frozen token counts in the budget (text)."""
+    share = algorithm.max_removable(1000) / 1000
+    return min(max(1.0 - share, MIN_RATIO) + 0.01, 1.0)
 
 
 # --- the search ----------------------------------------------------------------------------------------------
@@ -312,6 +288,7 @@ def calibrate(
     """
     from .adapters import find_adapter
     from .api import is_patched, patched
+    from .api import settings as merge_settings
 
     if (flops_reduction is None) == (macs is None):
         raise ValueError("give exactly one target: flops_reduction=<share in (0, 1)> or macs=<MACs per item>")
@@ -337,14 +314,13 @@ def calibrate(
         preset = "auto"
     setting = {"algorithm": algorithm, "preset": preset, **patch_kwargs}
     setting = {k: v for k, v in setting.items() if v is not None}
-    # validate the setting (and learn the algorithm's cap) before any forward
+    # validate the setting (and learn its algorithm and cap) before any forward
     with patched(model, ratio=1.0, **setting) as probe:
-        from .api import settings as merge_settings
-
         resolved = merge_settings(probe)
         first = next((s.algorithm for s in resolved.layers if s.algorithm is not None), None)
-        num_protected = resolved.num_protected
-    cap = (lambda c: int(first.max_removable(c))) if first is not None else (lambda c: c // 2)
+        num_protected, metric = resolved.num_protected, resolved.config.metric
+    if first is None:
+        raise ValueError("the setting merges in no block (layers / algorithm None everywhere): nothing to calibrate")
 
     start = time.perf_counter()
     forwards = 0
@@ -358,17 +334,16 @@ def calibrate(
         raise ValueError(f"output must return a (batch, dim) tensor with {batch} rows, got "
                          f"{getattr(reference, 'shape', type(reference).__name__)}")
     if distance is None:
-        distance = "kl" if output is None and _returns_logits(model, inputs) else "cosine"
+        distance = "kl" if output is None and _returns_logits(model) else "cosine"
 
     lengths = _item_lengths(inputs, count.tokens_per_layer[0], batch)
-    unique, counts = np.unique(np.asarray(lengths), return_counts=True)
-    cost = _CostModel(shape=count.shape, lengths=tuple(int(v) for v in unique),
-                      weights=tuple(float(c) / batch for c in counts), num_layers=num_layers,
-                      num_protected=num_protected, frozen=1 if family == "text" else 0,
-                      extra_macs=float(count.extra_macs), max_removable=cap)
-    base = cost.base_macs
+    cost = ModelCost(shape=count.shape, num_layers=num_layers, num_tokens=max(lengths), num_protected=num_protected,
+                     extra_macs=count.extra_macs, metric=metric, lengths=tuple(lengths),
+                     frozen=1 if family == "text" else 0)
+    budgeter = _Budgeter(cost, first.name, _min_ratio(first))
+    base = budgeter.base_macs
     target = float(macs) if macs is not None else base * (1.0 - float(flops_reduction))
-    lowest = cost.lowest_macs()
+    lowest = budgeter.lowest_macs()
     if not lowest * (1 - 1e-9) <= target <= base:
         raise ValueError(f"FLOPs target {1 - target / base:.1%} reduction is out of reach: with this model and batch "
                          f"the reachable range is 0% to {1 - lowest / base:.1%} (each block merges at most half of "
@@ -383,7 +358,7 @@ def calibrate(
         return float(output_distance(merged, reference, distance).mean())
 
     def evaluate(weights: Sequence[float]) -> tuple[float, list[float], list[float]]:
-        ratios, achieved = cost.schedule(weights, target)
+        ratios, achieved = budgeter.schedule(weights, target)
         if abs(achieved / target - 1.0) > TRIM_TOLERANCE:  # capped blocks cannot make up the rest: not a candidate
             return math.inf, ratios, list(weights)
         key = tuple(ratios)
@@ -419,14 +394,14 @@ def calibrate(
         if not improved:
             step /= 2
     ratios = best[1]
-    achieved = cost.macs(ratios)
+    achieved = budgeter.macs(ratios)
     return Calibration(
         ratios=tuple(ratios), patch=setting, target_reduction=1.0 - target / base, reduction=1.0 - achieved / base,
         distortion=best[0], uniform_ratio=uniform_ratios[0], uniform_distortion=uniform_distortion,
         distance=distance, items=batch, forwards=forwards, seconds=time.perf_counter() - start, seed=seed)
 
 
-def _returns_logits(model: nn.Module, inputs: Any) -> bool:
+def _returns_logits(model: nn.Module) -> bool:
     """Whether the model's own output is a classifier's logits (then KL is the distance)."""
     num_classes = getattr(model, "num_classes", None)
     if isinstance(num_classes, int) and num_classes > 0 and hasattr(model, "forward_head"):
