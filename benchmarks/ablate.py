@@ -125,12 +125,26 @@ def _cached(name: str, compute: Callable[[], Any]) -> Any:
     return value
 
 
+def _text_splits(ids: list, labels: np.ndarray, spans: dict) -> tuple[dict, dict, dict]:
+    """Per split: length-sorted batches of 16, token lengths and labels (``spans``: positions in ``ids``)."""
+    from pitome.tasks.offline import _length_sorted_batches
+
+    batches, lens, labs = {}, {}, {}
+    for split, span in spans.items():
+        items = list(span)
+        lengths = [len(ids[i]) for i in items]
+        batches[split] = [[items[j] for j in b] for b in _length_sorted_batches(lengths, 16)]
+        lens[split] = lengths
+        labs[split] = torch.as_tensor(labels[items])
+    return batches, lens, labs
+
+
 def text_bench() -> Bench:
     """BBC News: 500 dev / 500 held-out articles (stratified), the other 1,225 fit the probe.
 
     HELD-OUT-2 (added after the text held-out split had been looked at twice): 500 of those 1,225 (stratified),
     scored with a probe fit on the remaining 725, so its items are disjoint from every probe that scores them."""
-    from pitome.tasks.offline import _length_sorted_batches, _text_collate, _text_model
+    from pitome.tasks.offline import _text_collate, _text_model
     from pitome.tasks.probe import embed
 
     model, tokenizer = zoo.load_minilm()
@@ -144,13 +158,7 @@ def text_bench() -> Bench:
     held2, train2 = (2 * ITEMS + part for part in _stratified_parts(labels[train], [ITEMS], SEED + 1))
     spans = {"dev": range(0, ITEMS), "heldout": range(ITEMS, 2 * ITEMS), "train": range(2 * ITEMS, len(order)),
              "heldout2": held2.tolist(), "train2": train2.tolist()}
-    batches, lens, labs = {}, {}, {}
-    for split, span in spans.items():
-        items = list(span)
-        lengths = [len(ids[i]) for i in items]
-        batches[split] = [[items[j] for j in b] for b in _length_sorted_batches(lengths, 16)]
-        lens[split] = lengths
-        labs[split] = torch.as_tensor(labels[order][items])
+    batches, lens, labs = _text_splits(ids, labels[order], spans)
     key = hashlib.sha1(json.dumps([order.tolist(), TEXT_MAX_LENGTH]).encode()).hexdigest()[:10]
 
     def fit(split: str) -> Callable[[], LinearProbe]:
@@ -255,7 +263,7 @@ def vision_calibration_bench() -> Bench:
 def text_calibration_bench() -> Bench:
     """BBC News / MiniLM-L6 (256 tokens): DEV = 150 of the ablation's dev articles; HELD-OUT-3 = 150 of the 725
     articles outside dev, held-out and held-out-2; probe fit on 300 more of them; calibration batch: 16 others."""
-    from pitome.tasks.offline import _length_sorted_batches, _text_collate, _text_model
+    from pitome.tasks.offline import _text_collate, _text_model
     from pitome.tasks.probe import embed
 
     model, tokenizer = zoo.load_minilm()
@@ -273,13 +281,7 @@ def text_calibration_bench() -> Bench:
     starts = np.cumsum([0, len(dev), len(held3), len(probe_items), len(calib_items)])
     spans = {"dev": range(starts[0], starts[1]), "heldout3": range(starts[1], starts[2]),
              "probe": range(starts[2], starts[3])}
-    batches, lens, labs = {}, {}, {}
-    for split, span in spans.items():
-        items = list(span)
-        lengths = [len(ids[i]) for i in items]
-        batches[split] = [[items[j] for j in b] for b in _length_sorted_batches(lengths, 16)]
-        lens[split] = lengths
-        labs[split] = torch.as_tensor(labels[order][items])
+    batches, lens, labs = _text_splits(ids, labels[order], spans)
 
     def fit() -> LinearProbe:
         feats, y = embed(evaluator, loader, batches["probe"], desc="BBC probe")

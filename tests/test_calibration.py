@@ -8,6 +8,7 @@ import torch
 
 import pitome
 from pitome.flops import count_macs
+from test_baselines_models import _padded_ids  # noqa: E402  (tests/ is on sys.path under pytest)
 
 FORWARDS = 8  # search forwards: enough to move away from the uniform schedule, small enough for a fast suite
 
@@ -87,13 +88,7 @@ def _padded_bert_batch() -> tuple[torch.nn.Module, dict, list[int]]:
     model = transformers.BertModel(transformers.BertConfig(
         hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, vocab_size=100)).eval()
     lengths = [64, 60, 57, 52, 48, 45, 41, 40, 64, 33, 62, 50, 47, 58, 36, 55]
-    g = torch.Generator().manual_seed(2)
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = torch.randint(5, 100, (n,), generator=g)
-        ids[row, 0], ids[row, n - 1] = 3, 4
-        mask[row, :n] = 1
+    ids, mask = _padded_ids(lengths)
     return model, {"input_ids": ids, "attention_mask": mask}, lengths
 
 
