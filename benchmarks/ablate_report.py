@@ -225,3 +225,46 @@ def write_doc(path: str) -> None:
         demoted = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
         parts += [f"## {title}", "", demoted, ""]
     doc.write_text("\n".join(parts).rstrip() + "\n")
+
+
+# --- docs/calibration.md: calibrated per-block budgets against uniform schedules at equal FLOPs ----------------
+
+CALIBRATION_ROWS = (("auto (calibrated)", "calibrated auto"), ("auto", "uniform auto"),
+                    ("tome+pa", "ToMe + prop. attn"), ("tome", "ToMe"), ("tome+pa (calibrated)", "calibrated ToMe + PA"))
+CALIBRATION_PAIRS = (("auto (calibrated)", "auto"), ("auto (calibrated)", "tome+pa"), ("auto (calibrated)", "tome"),
+                     ("tome+pa (calibrated)", "tome+pa"), ("auto (calibrated)", "tome+pa (calibrated)"))
+
+
+def calibration_tables(split: str) -> str:
+    """Per family: accuracy (cosine) of every setting at each FLOPs budget, then the paired differences."""
+    records = load_records(split)
+    metrics = Metrics()
+    out: list[str] = []
+    for task in (t for t, d in ablate.TASKS.items() if d.budget == "reduction"):
+        budgets = _ratios(records, task)
+        if not budgets:
+            continue
+        tdef = ablate.TASKS[task]
+        out += [f"### {tdef.title} ({split})", "", unmerged_line(metrics, task, split), ""]
+        head = ["FLOPs target", "GFLOPs (spread)"] + [title for _, title in CALIBRATION_ROWS]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        deltas = ["| FLOPs target | comparison | Δacc (points) [95% CI] McNemar p | Δcos [95% CI] |", "|---|---|---|---|"]
+        base = metrics.unmerged(tdef, split)["gflops"]
+        for budget in budgets:
+            got = {name: records.get((task, split, budget, name)) for name, _ in CALIBRATION_ROWS}
+            m = {name: metrics.get(entry) for name, entry in got.items() if entry is not None}
+            if not m:
+                continue
+            flops = [v["gflops"] for v in m.values()]
+            spread = (max(flops) - min(flops)) / min(flops)
+            cells = [f"−{budget:.0%}", f"{np.mean(flops):.2f} (−{1 - np.mean(flops) / base:.1%}, ±{spread / 2:.1%})"]
+            cells += [f"{_pct(m[name]['acc'])} ({m[name]['cos'].mean():.3f})" if name in m else "—"
+                      for name, _ in CALIBRATION_ROWS]
+            lines.append("| " + " | ".join(cells) + " |")
+            titles = dict(CALIBRATION_ROWS)
+            for a, b in CALIBRATION_PAIRS:
+                if a in m and b in m:
+                    deltas.append(f"| −{budget:.0%} | {titles[a]} − {titles[b]} | "
+                                  f"{_delta(m[a]['acc'], m[b]['acc'], 100.0, 1)} | {_delta(m[a]['cos'], m[b]['cos'], 1.0, 3)} |")
+        out += lines + ["", "Paired differences (same items):", ""] + deltas + [""]
+    return "\n".join(out) + "\n"

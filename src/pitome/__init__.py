@@ -17,6 +17,7 @@ _EXPORTS = {
     "register": "algorithms",
     "info": "api", "is_patched": "api", "patch": "api", "patched": "api", "settings": "api", "unpatch": "api",
     "MergeConfig": "config", "available_presets": "config",
+    "calibrate": "calibration", "Calibration": "calibration",
     "MergePlan": "plan", "build_plan": "plan",
     "pool_mean": "pooling",
     "predict_token_counts": "schedule", "resolve_budgets": "schedule",
@@ -29,7 +30,7 @@ __all__ = [
     "MergeConfig", "MergePlan", "build_plan", "ALGORITHMS", "available_algorithms", "available_presets",
     "create_algorithm", "register", "predict_token_counts", "resolve_budgets", "__version__",
     "pool_mean", "UnsupportedModelError", "register_adapter", "MergeInfo", "MergeSettings", "record_merges",
-    "merge_timing",
+    "merge_timing", "calibrate", "Calibration",
 ]
 
 

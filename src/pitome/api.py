@@ -29,6 +29,9 @@ def patch(
     metric: Optional[str] = None,
     trace_source: bool = False,
     seed: Optional[int] = None,
+    flops_reduction: Optional[float] = None,
+    example_input: Any = None,
+    calibrate: Any = None,
     **options: Any,
 ) -> nn.Module:
     """Make ``model`` merge tokens between its blocks; returns the same model object.
@@ -40,10 +43,25 @@ def patch(
                measured defaults for the model's family, vision or text); explicit arguments override the preset.
     options:   algorithm options (e.g. margin, margin_decay, alpha, energy, split, matching); a list
                gives one value per block.
+    flops_reduction: instead of ratio / r, the share of FLOPs to remove: with ``example_input`` (one batch)
+               the uniform keep-ratio that does it (``pitome.solver``); with ``calibrate=<batch>`` per-block
+               keep-ratios calibrated on those unlabeled inputs (``pitome.calibrate``, docs/calibration.md).
+    calibrate: a batch (see flops_reduction), or a ``pitome.Calibration`` / the path of its JSON to apply.
     Patching a patched model reconfigures it (it is unpatched first, never wrapped twice); invalid
     arguments raise before anything changes, so the previous patch stays in place.
     """
     adapter = find_adapter(model)
+    if flops_reduction is not None or example_input is not None or calibrate is not None:
+        from .calibration import patch_arguments
+
+        given = dict(algorithm=algorithm, ratio=ratio, r=r, preset=preset, layers=layers, prop_attn=prop_attn,
+                     size_weighted=size_weighted, metric=metric, seed=seed, **options)
+        given = {k: v for k, v in given.items() if v is not None}
+        if trace_source:
+            given["trace_source"] = True
+        if is_patched(model):
+            unpatch(model)
+        return patch(model, **patch_arguments(model, given, flops_reduction, example_input, calibrate))
     config = build_config(
         adapter.num_layers(model), algorithm, ratio, r, preset=preset, layers=layers, prop_attn=prop_attn,
         size_weighted=size_weighted, metric=metric, trace_source=trace_source, seed=seed,

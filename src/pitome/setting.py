@@ -25,6 +25,15 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+def _ratio(value: Any) -> Any:
+    """A keep-ratio as stored: a float, or a tuple with one entry per block (calibrated budgets; None = no merge)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return tuple(None if v is None else float(v) for v in value)
+    return float(value)
+
+
 def _thaw(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_thaw(v) for v in value]
@@ -45,7 +54,7 @@ class MergeSetting:
     ``name``: what rows call it (e.g. "auto")."""
 
     algorithm: Optional[str] = None
-    ratio: Optional[float] = None
+    ratio: Any = None  # a keep-ratio, or a tuple with one per block (calibrated budgets)
     r: Any = None
     flops_reduction: Optional[float] = None
     equal_flops_to: Optional["MergeSetting"] = None
@@ -62,7 +71,7 @@ class MergeSetting:
              note: str = "", **options: Any) -> "MergeSetting":
         """Keyword arguments beyond the budget are ``pitome.patch`` options (None values are dropped)."""
         items = tuple(sorted((k, _freeze(v)) for k, v in options.items() if v is not None))
-        return MergeSetting(algorithm, None if ratio is None else float(ratio), _freeze(r), flops_reduction,
+        return MergeSetting(algorithm, _ratio(ratio), _freeze(r), flops_reduction,
                             equal_flops_to, preset, items, budgets, name, note)
 
     # --- what it is -----------------------------------------------------------------------------------------
@@ -106,7 +115,8 @@ class MergeSetting:
         if self.budgets is not None:
             return f"calibrated ({self.budgets})"
         if self.ratio is not None:
-            text = f"ratio={self.ratio:g}"
+            text = (f"ratio={self.ratio:g}" if isinstance(self.ratio, float)
+                    else "ratios=" + "/".join("-" if v is None else f"{v:g}" for v in self.ratio))
         elif self.r is not None:
             text = f"r={_r_for_patch(self.r)}"
         elif self.flops_reduction is not None:
@@ -136,7 +146,7 @@ class MergeSetting:
 
     def with_budget(self, ratio: Optional[float] = None, r: Any = None, note: str = "") -> "MergeSetting":
         """This setting with a concrete budget (a solved one, resolved for a model)."""
-        return replace(self, ratio=None if ratio is None else float(ratio), r=_freeze(r), flops_reduction=None,
+        return replace(self, ratio=_ratio(ratio), r=_freeze(r), flops_reduction=None,
                        note=note or self.note)
 
     def patch_kwargs(self) -> dict:
@@ -144,6 +154,10 @@ class MergeSetting:
         if self.solved:
             raise ValueError(f"setting {self.label!r} has a budget solved per model; resolve it for a model first")
         kwargs: dict = self.options
+        if self.budgets is not None:  # a calibration file (pitome calibrate): its setting and per-block ratios
+            from .calibration import Calibration
+
+            return {**Calibration.load(self.budgets).patch_kwargs(), **kwargs}
         for key in ("algorithm", "ratio", "preset"):
             if getattr(self, key) is not None:
                 kwargs[key] = getattr(self, key)

@@ -20,6 +20,7 @@ __all__ = ["main", "VERBS", "UserError"]
 
 VERBS: dict[str, tuple[str, str]] = {
     "bench": ("pitome.bench_cli", "speed, FLOPs and memory of merge settings, side by side"),
+    "calibrate": ("pitome.calibrate_cli", "per-block budgets for a FLOPs target from a few unlabeled inputs (JSON)"),
     "eval": ("pitome.tasks.cli", "accuracy and fidelity against FLOPs on real tasks (offline by default)"),
     "spectrum": ("pitome.spectral_cli", "spectral distance of the token graph per block, per algorithm"),
     "visualize": ("pitome.vis_cli", "pictures of which tokens merged"),
