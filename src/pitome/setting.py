@@ -157,7 +157,9 @@ class MergeSetting:
         if self.budgets is not None:  # a calibration file (pitome calibrate): its setting and per-block ratios
             from .calibration import Calibration
 
-            return {**Calibration.load(self.budgets).patch_kwargs(), **kwargs}
+            # the row's own algorithm / preset (when named) run with the calibrated per-block keep-ratios
+            named = {key: getattr(self, key) for key in ("algorithm", "preset") if getattr(self, key) is not None}
+            return {**Calibration.load(self.budgets).patch_kwargs(), **named, **kwargs}
         for key in ("algorithm", "ratio", "preset"):
             if getattr(self, key) is not None:
                 kwargs[key] = getattr(self, key)

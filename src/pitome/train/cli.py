@@ -190,8 +190,6 @@ def _setting(args: argparse.Namespace, text: bool, recipe: Optional[dict]) -> An
                         f"({', '.join(s.label for s in settings)}): pass one algorithm and one budget")
     if settings[0].solved:
         raise UserError("--flops-reduction is not supported by pitome train yet; give --ratios or --r")
-    if settings[0].budgets is not None:  # pitome.patch does not take calibrated budgets yet: never ignore silently
-        raise UserError("--budgets is not supported by pitome train yet; give --ratios or --r")
     return settings[0]
 
 
