@@ -44,6 +44,16 @@ BAD = [
     ["visualize", "no_such_file.png"], ["visualize", "--ratios", "2"], ["visualize", "--model", "timm:does_not_exist"],
     ["visualize", "--blocks", "x"], ["visualize", "--out", "{file}"], ["visualize", "--algorithms", "tome,pitme"],
     ["visualize", "--weights", "randomly"],
+    # calibrate
+    ["calibrate", "--data", "random", "--out", "{dir}/b.json"], ["calibrate", "--flops-reduction", "0.4", "--out", "b.json"],
+    ["calibrate", "--data", "random", "--flops-reduction", "1.5", "--out", "{dir}/b.json"],
+    ["calibrate", "--data", "/no/such/folder", "--flops-reduction", "0.4", "--out", "{dir}/b.json"],
+    ["calibrate", "--model", "timm:does_not_exist", "--data", "random", "--flops-reduction", "0.4", "--out", "{dir}/b.json"],
+    ["calibrate", "--data", "random", "--flops-reduction", "0.4", "--out", "{file}/sub/b.json"],
+    # train
+    ["train", "image-classification", "--data", "{dir}"], ["train", "offline-text", "--ratios", "2"],
+    ["train", "offline-text", "--algorithms", "pitme"], ["train", "offline-text", "--mode", "everything"],
+    ["train", "offline-text", "--algorithms", "pitome", "tome"], ["train", "offline-text", "--model", "tiny-vit"],
     # the entry point
     ["benhc"], ["--verbose"], ["bench", "--algo", "tome"],
 ]
@@ -88,7 +98,19 @@ SPECS = ["timm:vit_tiny_patch16_224", "hf:google/vit-base-patch16-224", "opencli
          "dinov2-s", "minilm", "tiny-vit", "deit_small_patch16_224"]
 
 
-@pytest.mark.parametrize("verb", list(VERBS))
+SWEEPING = [verb for verb in VERBS if verb != "calibrate"]  # calibrate finds the budgets: no --ratios / --r
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_calibrate_parses_the_same_model_and_setting_flags(spec):
+    argv = ["calibrate", "--model", spec, "--weights", "random", "--data", "random", "--flops-reduction", "0.4",
+            "--preset", "auto", "--option", "prop_attn=false", "--device", "cpu", "--threads", "1", "--seed", "0",
+            "--out", "b.json"]
+    args = build_parser("calibrate").parse_args(argv)
+    assert args.model == spec and args.weights == "random" and args.option == [("prop_attn", False)]
+
+
+@pytest.mark.parametrize("verb", SWEEPING)
 @pytest.mark.parametrize("spec", SPECS)
 def test_every_verb_parses_the_same_model_and_merge_flags(verb, spec):
     argv = [verb, "--model", spec, "--weights", "random", "--algorithms", "pitome,tome", "kth", "--ratios", "0.9", "0.8",
@@ -107,7 +129,7 @@ def _folder(out: Path) -> Path:
     return folders[0]
 
 
-@pytest.mark.parametrize("verb", list(VERBS))
+@pytest.mark.parametrize("verb", [verb for verb in SWEEPING if verb != "train"])  # train: one setting, below
 def test_every_verb_runs_on_a_tiny_model_with_the_same_flags(verb, tmp_path, capsys):
     pytest.importorskip("timm")
     pytest.importorskip("PIL")
@@ -126,6 +148,23 @@ def test_every_verb_runs_on_a_tiny_model_with_the_same_flags(verb, tmp_path, cap
     folder = _folder(tmp_path / "out")
     assert f"results go to {folder}" in out
     assert any(folder.iterdir())
+
+
+def test_train_and_calibrate_run_on_a_tiny_model_with_the_same_flags(tmp_path, capsys):
+    pytest.importorskip("timm")
+    pytest.importorskip("PIL")
+    images = str(_image_folder(tmp_path / "images"))
+    common = ["--model", "tiny-vit", "--model-kwargs", '{"depth": 2}', "--device", "cpu", "--threads", "1"]
+    budgets = tmp_path / "budgets.json"
+    assert main(["calibrate", "--data", images, "--flops-reduction", "0.3", "--max-forwards", "6",
+                 "--out", str(budgets)] + common) == 0
+    assert json.loads(budgets.read_text())
+    code = main(["train", "image-classification", "--data", images, "--max-steps", "2", "--batch-size", "2",
+                 "--algorithms", "tome", "--budgets", str(budgets), "--no-progress", "--out", str(tmp_path / "out")]
+                + common)
+    assert code == 0
+    folder = _folder(tmp_path / "out")
+    assert str(folder) in capsys.readouterr().out and any(folder.iterdir())
 
 
 def _image_folder(root: Path) -> Path:

@@ -102,7 +102,7 @@ def test_config_files(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.yaml, line \d+: invalid YAML"):
         cli.resolve_options(argparse.Namespace(config=str(tmp_path / "bad.yaml")))
     (tmp_path / "unknown.json").write_text('{"tasks": "offline"}')
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['tasks'\]"):
         cli.resolve_options(argparse.Namespace(config=str(tmp_path / "unknown.json")))
 
 
