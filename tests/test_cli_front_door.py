@@ -50,6 +50,7 @@ BAD = [
     ["calibrate", "--data", "/no/such/folder", "--flops-reduction", "0.4", "--out", "{dir}/b.json"],
     ["calibrate", "--model", "timm:does_not_exist", "--data", "random", "--flops-reduction", "0.4", "--out", "{dir}/b.json"],
     ["calibrate", "--data", "random", "--flops-reduction", "0.4", "--out", "{file}/sub/b.json"],
+    ["calibrate", "--data", "random", "--flops-reduction", "0.4", "--algorithms", "pitme", "--out", "{dir}/b.json"],
     # train
     ["train", "image-classification", "--data", "{dir}"], ["train", "offline-text", "--ratios", "2"],
     ["train", "offline-text", "--algorithms", "pitme"], ["train", "offline-text", "--mode", "everything"],
@@ -104,10 +105,11 @@ SWEEPING = [verb for verb in VERBS if verb != "calibrate"]  # calibrate finds th
 @pytest.mark.parametrize("spec", SPECS)
 def test_calibrate_parses_the_same_model_and_setting_flags(spec):
     argv = ["calibrate", "--model", spec, "--weights", "random", "--data", "random", "--flops-reduction", "0.4",
-            "--preset", "auto", "--option", "prop_attn=false", "--device", "cpu", "--threads", "1", "--seed", "0",
-            "--out", "b.json"]
+            "--preset", "auto", "--algorithms", "tome", "--option", "prop_attn=false", "--device", "cpu", "--threads",
+            "1", "--seed", "0", "--out", "b.json"]
     args = build_parser("calibrate").parse_args(argv)
     assert args.model == spec and args.weights == "random" and args.option == [("prop_attn", False)]
+    assert args.algorithm == "tome"
 
 
 @pytest.mark.parametrize("verb", SWEEPING)

@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="inputs to calibrate on, drawn with --seed (default 32; 16-64 is the intended range)")
     group.add_argument("--flops-reduction", type=flops_reduction, required=True, metavar="F",
                        help="share of the unmerged model's FLOPs to remove, in (0, 1)")
-    group.add_argument("--preset", default=None, help="setting to calibrate (default auto unless --algorithm)")
-    group.add_argument("--algorithm", default=None, help="merging algorithm (default: the preset's)")
+    group.add_argument("--preset", default=None, help="setting to calibrate (default auto unless --algorithms)")
+    group.add_argument("--algorithms", "--algorithm", dest="algorithm", default=None, metavar="NAME",
+                       help="the one merging algorithm to calibrate (default: the preset's)")
     group.add_argument("--option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                        help="pitome.patch option, repeatable (e.g. prop_attn=true)")
     group.add_argument("--max-forwards", type=positive_int, default=48, metavar="N",
@@ -54,6 +55,12 @@ def _check(args: argparse.Namespace) -> None:
     """Everything that can be checked before a model loads."""
     if not args.flops_reduction > 0:
         raise UserError(f"--flops-reduction must be in (0, 1), got {args.flops_reduction}")
+    if args.algorithm is not None:
+        from .algorithms import available_algorithms
+        from .cli.errors import unknown_name
+
+        if args.algorithm not in available_algorithms():
+            raise unknown_name("algorithm", args.algorithm, available_algorithms())
     if args.max_forwards < 6:
         raise UserError(f"--max-forwards must be at least 6, got {args.max_forwards}")
     out = Path(args.out)
