@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .errors import UserError, unknown_name
+from .errors import UserError, one_line, unknown_name
 
 __all__ = ["Parser", "add_model_flags", "add_merge_flags", "add_runtime_flags", "add_output_flags",
            "MergeChoices", "merge_choices", "options_for", "resolve_device", "apply_threads", "DEFAULT_MODEL", "DEFAULT_OUT",
@@ -329,3 +329,31 @@ def apply_threads(threads: Optional[int]) -> None:
         import torch
 
         torch.set_num_threads(int(threads))
+
+
+def read_config_file(path: "str | Path") -> dict:
+    """A ``--config`` file (YAML or JSON) as a mapping; every problem is one UserError naming the file and line.
+    Shared by the verbs that take ``--config``; each checks the keys against its own flags."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise UserError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use a .json config") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            line = f", line {mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{path}{line}: invalid YAML ({one_line(getattr(error, 'problem', error))})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}, line {error.lineno}: invalid JSON ({error.msg})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config is a mapping of flag names to values")
+    return data

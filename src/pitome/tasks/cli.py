@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..cli.errors import UserError, one_line
-from ..cli.flags import (Parser, add_merge_flags, add_model_flags, add_output_flags, add_runtime_flags, json_file,
+from ..cli.flags import (Parser, read_config_file, add_merge_flags, add_model_flags, add_output_flags, add_runtime_flags, json_file,
                          json_object, non_negative_int, positive_int)
 from .vqa_data import BENCHMARKS, TEMPLATES
 
@@ -99,27 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --- options: defaults < config file < command line ---------------------------------------------------------
 
 def _read_config(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"--config {path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise UserError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use a .json config") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            line = f", line {mark.line + 1}" if mark is not None else ""
-            raise UserError(f"{path}{line}: invalid YAML ({one_line(getattr(error, 'problem', error))})") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}, line {error.lineno}: invalid JSON ({error.msg})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a config is a mapping of flag names to values")
+    data = read_config_file(path)
     config = {str(k).replace("-", "_"): v for k, v in data.items() if k not in _DOCUMENTATION_KEYS}
     if "random_weights" in config:  # the former spelling
         config["weights"] = "random" if config.pop("random_weights") else "pretrained"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..cli.errors import UserError, one_line
-from ..cli.flags import (add_merge_flags, add_model_flags, add_output_flags, add_runtime_flags, apply_threads,
+from ..cli.flags import (read_config_file, add_merge_flags, add_model_flags, add_output_flags, add_runtime_flags, apply_threads,
                          merge_choices, non_negative_int, positive_int, resolve_device)
 
 __all__ = ["add_arguments", "run", "TASKS"]
@@ -97,23 +97,7 @@ _DOCUMENTATION = ("description", "paper", "notes", "paper_results")
 def _apply_config(args: argparse.Namespace) -> None:
     """Fill the flags the command line left at their defaults from ``--config`` (values checked like flags)."""
     path = Path(args.config)
-    if not path.is_file():
-        raise UserError(f"--config {args.config}: no such file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except ImportError:
-        raise UserError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use a .json config") from None
-    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
-        raise UserError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} "
-                        f"({one_line(exc)})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a config is a mapping of flag names to values")
+    data = read_config_file(path)
     for key, value in data.items():
         dest = str(key).replace("-", "_")
         if dest in _DOCUMENTATION:
