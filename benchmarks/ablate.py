@@ -145,7 +145,7 @@ def text_bench() -> Bench:
 
     HELD-OUT-2 (added after the text held-out split had been looked at twice): 500 of those 1,225 (stratified),
     scored with a probe fit on the remaining 725, so its items are disjoint from every probe that scores them."""
-    from pitome.tasks.offline import _text_collate, _text_model
+    from pitome.tasks.offline import text_collate, _text_model
     from pitome.tasks.probe import embed
 
     model, tokenizer = zoo.load_minilm()
@@ -154,7 +154,7 @@ def text_bench() -> Bench:
     order = np.concatenate([dev, held, train])
     ids = tokenizer([texts[i] for i in order], truncation=True, max_length=TEXT_MAX_LENGTH)["input_ids"]
     data = ArrayDataset(ids, labels[order])
-    loader = dataloader_factory(data, _text_collate(tokenizer))
+    loader = dataloader_factory(data, text_collate(tokenizer))
     evaluator = _text_model(model)
     held2, train2 = (2 * ITEMS + part for part in _stratified_parts(labels[train], [ITEMS], SEED + 1))
     spans = {"dev": range(0, ITEMS), "heldout": range(ITEMS, 2 * ITEMS), "train": range(2 * ITEMS, len(order)),
@@ -182,7 +182,7 @@ def text_bench() -> Bench:
 def vision_bench() -> Bench:
     """Fashion-MNIST test set: 50 per class dev / 50 per class held-out; the offline default's probe
     (2,000 training images) and dual-encoder projections (cached by ``pitome eval``)."""
-    from pitome.tasks.offline import OfflineSizes, _image_collate, _image_model, build_offline_tasks
+    from pitome.tasks.offline import OfflineSizes, image_collate, _image_model, build_offline_tasks
 
     def prepare() -> dict:  # frozen in our own cache, so later changes to the offline default's cache keys
         sizes = OfflineSizes(fmnist_test_per_class=1, image_size=IMAGE_SIZE)  # do not change our probe
@@ -197,7 +197,7 @@ def vision_bench() -> Bench:
     dev, held, held2 = _split_per_class(labels, ITEMS // 10, 3, seed=1234)  # first two as with parts=2
     order = np.concatenate([dev, held, held2])
     data = ArrayDataset(images[order], labels[order])
-    loader = dataloader_factory(data, _image_collate(IMAGE_SIZE))
+    loader = dataloader_factory(data, image_collate(IMAGE_SIZE))
     batches = {"dev": fixed_batches(ITEMS, 32), "heldout": fixed_batches(ITEMS, 32, list(range(ITEMS, 2 * ITEMS))),
                "heldout2": fixed_batches(ITEMS, 32, list(range(2 * ITEMS, 3 * ITEMS)))}
     labs = {"dev": torch.as_tensor(labels[dev]), "heldout": torch.as_tensor(labels[held]),
@@ -227,7 +227,7 @@ def vision_calibration_bench() -> Bench:
     """Fashion-MNIST / DINOv2-S at 224 px: DEV = 10/class of the ablation's dev split; HELD-OUT-3 = 10/class of a
     fourth 50/class part of the test set (disjoint from dev, held-out and held-out-2); probe fit on 10/class
     training images; the calibration batch: 16 other training images (labels unused)."""
-    from pitome.tasks.offline import _image_collate, _image_model
+    from pitome.tasks.offline import image_collate, _image_model
     from pitome.tasks.probe import embed
 
     evaluator = _image_model(zoo.load_dinov2_small())
@@ -238,7 +238,7 @@ def vision_calibration_bench() -> Bench:
     train_images, train_labels = zoo.load_fashion_mnist("train")
     probe_items, calib_items, _ = _split_per_class(train_labels, CAL_VISION["probe_per_class"], 3, seed=SEED + 4)
     calib_items = np.sort(np.random.default_rng(SEED + 3).choice(calib_items, CAL_VISION["calibration"], replace=False))
-    collate = _image_collate(IMAGE_SIZE)
+    collate = image_collate(IMAGE_SIZE)
     order = np.concatenate([dev, held3])
     loader = dataloader_factory(ArrayDataset(images[order], labels[order]), collate)
     n_dev, n_held = len(dev), len(held3)
@@ -264,7 +264,7 @@ def vision_calibration_bench() -> Bench:
 def text_calibration_bench() -> Bench:
     """BBC News / MiniLM-L6 (256 tokens): DEV = 150 of the ablation's dev articles; HELD-OUT-3 = 150 of the 725
     articles outside dev, held-out and held-out-2; probe fit on 300 more of them; calibration batch: 16 others."""
-    from pitome.tasks.offline import _text_collate, _text_model
+    from pitome.tasks.offline import text_collate, _text_model
     from pitome.tasks.probe import embed
 
     model, tokenizer = zoo.load_minilm()
@@ -277,7 +277,7 @@ def text_calibration_bench() -> Bench:
     dev = _subset(dev_all, labels, CAL["dev"], SEED)
     order = np.concatenate([dev, held3, probe_items, calib_items])
     ids = tokenizer([texts[i] for i in order], truncation=True, max_length=TEXT_MAX_LENGTH)["input_ids"]
-    loader = dataloader_factory(ArrayDataset(ids, labels[order]), _text_collate(tokenizer))
+    loader = dataloader_factory(ArrayDataset(ids, labels[order]), text_collate(tokenizer))
     evaluator = _text_model(model)
     starts = np.cumsum([0, len(dev), len(held3), len(probe_items), len(calib_items)])
     spans = {"dev": range(starts[0], starts[1]), "heldout3": range(starts[1], starts[2]),

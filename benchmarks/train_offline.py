@@ -21,6 +21,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -28,35 +29,52 @@ from pitome.stats import paired_bootstrap
 from pitome.setting import MergeSetting
 from pitome.tasks.engine import set_seed
 from pitome.train import TrainConfig, Trainer, correct, evaluate
-from pitome.train.offline import RECIPES, offline_setup
+from pitome.train.offline import EVALUATE_ON, RECIPES, offline_setup
 
 def _interval(a: torch.Tensor, b: torch.Tensor) -> dict:
     r = paired_bootstrap(a.numpy(), b.numpy(), scale=100.0)
     return {"diff": r.diff, "low": r.low, "high": r.high}
 
 
-def run(task: str, train: int, test: int, epochs: int, log: bool = True, unmerged_eval_of_c: bool = True) -> dict:
+def run(task: str, train: int, test: int, epochs: int, log: bool = True, unmerged_eval_of_c: bool = True,
+        evaluate_on: str = "test", save_models: Optional[Path] = None, load_models: Optional[Path] = None) -> dict:
+    """save_models / load_models: a folder for the two trained models, so that the models checked on the dev split
+    are the ones evaluated once on the test split (no retraining in between)."""
     recipe = RECIPES[task]
     config = TrainConfig(**{**recipe["config"].__dict__, "epochs": epochs})
-    setup = offline_setup(task, train, test)
+    setup = offline_setup(task, train, test, evaluate_on=evaluate_on, seen_test=recipe["seen_test"])
     merged = MergeSetting.make(recipe["algorithm"], ratio=recipe["ratio"])
     unmerged = MergeSetting.make(None)
     say = print if log else (lambda *_: None)
     say(f"{setup.name}: {setup.info}\nrecipe: {config}\nmerge: {merged.label}")
     out: dict = {"task": setup.name, "info": setup.info, "config": config.__dict__, "merge": merged.label,
-                 "threads": torch.get_num_threads()}
+                 "threads": torch.get_num_threads(), "evaluated_on": evaluate_on}
+    trained = json.loads((load_models / "training.json").read_text()) if load_models else {}
+    if load_models and trained["config"] != out["config"]:
+        raise SystemExit(f"{load_models} holds models trained with {trained['config']}, not {out['config']}")
 
     def arm(name: str, spec: MergeSetting) -> tuple[torch.nn.Module, dict]:
         set_seed(config.seed)
         model = setup.build()
+        file = f"{'merged' if spec.merges else 'unmerged'}.pt"
+        if load_models:
+            model.load_state_dict(torch.load(load_models / file, weights_only=True))
+            say(f"  loaded {name} from {load_models / file}")
+            return model, trained[name]
         start = time.perf_counter()
         steps = Trainer(model, config, spec, progress=log).fit(setup.train, setup.collate)
         seconds = time.perf_counter() - start
         rates = [s.samples / s.seconds for s in steps]
         say(f"  trained {name}: {len(steps)} steps in {seconds:.0f} s, median {statistics.median(rates):.2f} "
             f"samples/s, loss {steps[0].loss:.3f} -> {steps[-1].loss:.3f}")
-        return model, {"steps": len(steps), "seconds": seconds, "median_samples_per_s": statistics.median(rates),
-                       "losses": [s.loss for s in steps]}
+        log_entry = {"steps": len(steps), "seconds": seconds, "median_samples_per_s": statistics.median(rates),
+                     "losses": [s.loss for s in steps]}
+        if save_models:
+            save_models.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), save_models / file)
+            trained.update({"config": out["config"], name: log_entry})
+            (save_models / "training.json").write_text(json.dumps(trained))
+        return model, log_entry
 
     def score(model: torch.nn.Module, spec: MergeSetting, label: str) -> tuple[torch.Tensor, dict]:
         result = evaluate(model, setup.test, setup.collate, 16, spec, text=setup.text, batches=setup.test_batches)
@@ -95,12 +113,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--skip-c-unmerged", action="store_true", help="do not evaluate C without merging")
+    parser.add_argument("--evaluate-on", choices=EVALUATE_ON, default="test",
+                        help="dev: items held out of the training split (choose a recipe); test: the test split")
+    parser.add_argument("--save-models", type=Path, help="folder to save the two trained models in")
+    parser.add_argument("--load-models", type=Path, help="evaluate models saved by --save-models (no training)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = RECIPES[args.task]
     result = run(args.task, recipe["train"] if args.train is None else args.train,
                  recipe["test"] if args.test is None else args.test,
-                 args.epochs or recipe["config"].epochs, unmerged_eval_of_c=not args.skip_c_unmerged)
+                 args.epochs or recipe["config"].epochs, unmerged_eval_of_c=not args.skip_c_unmerged,
+                 evaluate_on=args.evaluate_on, save_models=args.save_models, load_models=args.load_models)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

@@ -228,3 +228,28 @@ def test_mean_attention_in_row_blocks_equals_the_plain_formula(monkeypatch, bias
     plain = (q @ k.transpose(-2, -1) * 0.35 + bias).softmax(dim=-1).mean(dim=(1, 2))
     monkeypatch.setattr(common, "ATTENTION_CHUNK_ELEMENTS", 2 * 3 * 40 * 7)  # 7 rows a block: 6 blocks, last short
     torch.testing.assert_close(common.mean_attention(q, k, 0.35, bias, torch.float32), plain, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name, options", [v for v in VARIANTS if v[0] != "dct"], ids=_ids([v for v in VARIANTS
+                                                                                              if v[0] != "dct"]))
+@pytest.mark.parametrize("padded", [False, True])
+def test_one_r_for_the_batch_gives_the_gather_form_and_it_equals_the_scatter_form(name, options, padded):
+    """Every assignment baseline hands ``build_plan`` its fewest survivors, so one r for the batch gives the fast
+    gather form (also with padding, where padding tokens survive); merging, sums, masks and source maps through
+    it equal the plain scatter form of the same assignment."""
+    metric, attention, size, x = _inputs(3, 19, seed=5)
+    valid = None
+    if padded:
+        valid = torch.ones(3, 18, dtype=torch.bool)
+        valid[1, -3:] = False
+    plan = create_algorithm(name, **options).plan(_request(metric, attention, size, 4, 1, valid=valid))
+    assert plan.rows is not None and plan.num_out == 19 - 4
+    scatter = MergePlan(assign=plan.assign, num_out=plan.num_out, weight=plan.weight, norm=plan.norm)
+    for s in (None, size):
+        for weighted in (True, False):
+            fast, fast_size = plan.merge(x, s, size_weighted=weighted)
+            slow, slow_size = scatter.merge(x, s, size_weighted=weighted)
+            torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(fast_size, slow_size)
+    mask = torch.rand(3, 19, generator=torch.Generator().manual_seed(1)) > 0.5
+    assert torch.equal(plan.any(mask), scatter.any(mask))

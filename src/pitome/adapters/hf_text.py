@@ -28,8 +28,8 @@ from ..step import AdapterState, ForwardState, RootKey
 from .base import Adapter, UnsupportedModelError, get_tag, set_tags
 from .common import (PatchedBlock, RootMixin, class_names, first_token_attention, original_class, relay_info,
                      split_heads_mean, swap, tag)
-from .hf_common import (SUPPORTED_TRANSFORMERS, additive_mask, capture_key_projection, check_attention_backend,
-                        register_output_capture, replace_first, require_transformers)
+from .hf_common import (SUPPORTED_TRANSFORMERS, SavesAsOriginal, additive_mask, capture_key_projection,
+                        check_attention_backend, register_output_capture, replace_first, require_transformers)
 
 __all__ = ["HFTextAdapter", "BERT_LIKE_MODELS", "DISTILBERT_MODELS"]
 
@@ -216,7 +216,7 @@ def _padding_state(input_ids: Optional[Tensor], attention_mask: Optional[Tensor]
     return valid, frozen
 
 
-class _PatchedTextModel(RootMixin):
+class _PatchedTextModel(SavesAsOriginal, RootMixin):
     """Mixin for the base model (BertModel, DistilBertModel, ...): a fresh merge state per forward; token-level
     heads get last_hidden_state unmerged back to the input length."""
 
@@ -243,7 +243,7 @@ class _PatchedTextModel(RootMixin):
         return out
 
 
-class _PatchedTaskModel:
+class _PatchedTaskModel(SavesAsOriginal):
     """Mixin for a task model around the base model: makes ``pitome.info`` work on the model the user holds."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -48,4 +48,5 @@ class CrossGET(MergeAlgorithm):
         target = torch.where(source, pick, positions.expand(batch, tokens))
         key = positions.to(torch.float32).expand(batch, tokens)
         key = torch.where(cand, key, 2 * tokens + key)
-        return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors())
+        return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors(),
+                          min_survivors=request.fewest_survivors())

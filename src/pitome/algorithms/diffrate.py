@@ -62,4 +62,5 @@ class DiffRate(MergeAlgorithm):
         target = torch.where(merging, pick, positions)
         target = torch.where(dropped, -1, target)
         key = torch.where(cand, rank.to(torch.float32), 2 * tokens + positions.to(torch.float32))
-        return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors())
+        return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors(),
+                          min_survivors=request.fewest_survivors())

@@ -46,7 +46,8 @@ class EViT(MergeAlgorithm):
         key = torch.where(cand, rank.to(torch.float32), 2 * tokens + positions.to(torch.float32))
         if not self.fuse:
             target = torch.where(cand & (rank >= count - r), -1, positions)
-            return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors())
+            return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors(),
+                              min_survivors=request.fewest_survivors())
         kept = (count - r - 1).clamp(0, tokens - 1)
         inattentive = cand & (rank >= kept)
         host = order.gather(1, kept)
@@ -54,4 +55,4 @@ class EViT(MergeAlgorithm):
         key = torch.where(positions == host, float(tokens), key)  # the fused token after the kept ones
         weight = att.clamp_min(torch.finfo(torch.float32).tiny)
         return build_plan(target, key, request.num_protected, request.valid, weight=weight,
-                          max_survivors=request.survivors())
+                          max_survivors=request.survivors(), min_survivors=request.fewest_survivors())

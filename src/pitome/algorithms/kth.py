@@ -43,4 +43,5 @@ class KthSplit(MergeAlgorithm):
         in_b = kth_split(cand, self.k, request.num_protected)
         target, _ = match_into(cosine(request), cand & ~in_b, in_b, request.r)
         key = bipartite_key(in_b, cand)
-        return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors())
+        return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors(),
+                          min_survivors=request.fewest_survivors())

@@ -98,4 +98,5 @@ class MCTF(MergeAlgorithm):
         weight = att.clamp_min(_TINY) if self.attention_weighted else None
         key = bipartite_key(in_b, cand)
         return build_plan(target, key, request.num_protected, request.valid, weight=weight,
-                          max_survivors=request.survivors())
+                          max_survivors=request.survivors(),
+                          min_survivors=request.fewest_survivors())

@@ -68,4 +68,5 @@ class RandomMerge(MergeAlgorithm):
             positions = torch.arange(tokens, device=cand.device).expand(batch, tokens)
             target = torch.where(merged, order.gather(1, dst_rank), positions)
         key = bipartite_key(in_b, cand)
-        return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors())
+        return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors(),
+                          min_survivors=request.fewest_survivors())

@@ -54,6 +54,8 @@ class ToFu(MergeAlgorithm):
         key = bipartite_key(in_b, cand)
         if self.prunes(request.layer, request.num_layers):
             target = target.masked_fill(merged, -1)
-            return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors())
-        plan = build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors())
+            return build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors(),
+                              min_survivors=request.fewest_survivors())
+        plan = build_plan(target, key, request.num_protected, request.valid, max_survivors=request.survivors(),
+                          min_survivors=request.fewest_survivors())
         return dataclasses.replace(plan, norm="max")

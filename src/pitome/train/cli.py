@@ -249,7 +249,8 @@ def _load(args: argparse.Namespace, task: str, device: Any) -> tuple[Any, Any, d
         kind = task.split("-", 1)[1]
         recipe = _recipe(task)
         setup = offline_setup(kind, recipe["train"] if args.train_items is None else args.train_items,
-                              recipe["test"] if args.test_items is None else args.test_items, args.seed, max_length)
+                              recipe["test"] if args.test_items is None else args.test_items, args.seed, max_length,
+                              seen_test=recipe["seen_test"])
         data = ClassificationData(setup.train, setup.test, setup.collate, 0, setup.text, setup.test_batches)
         return setup.build().to(device), data, {"task": setup.name, **setup.info}
     from ..loading import load_model

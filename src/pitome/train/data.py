@@ -86,12 +86,12 @@ def read_text_sets(train: str, val: str, split: str, val_split: str, text_column
 def text_data(sets: list[tuple[list[str], np.ndarray]], count: int, tokenizer: Any, max_length: int,
               eval_batch: int = 32) -> ClassificationData:
     """Tokenised once up front; validation batches length-sorted (little padding)."""
-    from ..tasks.offline import _text_collate
+    from ..tasks.offline import text_collate
 
     tokenized = [(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"], labels)
                  for texts, labels in sets]
     lengths = [len(i) for i in tokenized[1][0]]
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return ClassificationData(ArrayDataset(*tokenized[0]), ArrayDataset(*tokenized[1]), _text_collate(tokenizer),
+    return ClassificationData(ArrayDataset(*tokenized[0]), ArrayDataset(*tokenized[1]), text_collate(tokenizer),
                               count, text=True,
                               val_batches=[order[i:i + eval_batch] for i in range(0, len(order), eval_batch)])
