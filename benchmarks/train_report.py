@@ -31,8 +31,11 @@ def accuracy_table(results: list[dict]) -> str:
         cu = r.get("C_evaluated_unmerged")
         recovered = r.get("recovered_fraction")
         unmerged_c = f"{cu['accuracy']:.1f}" if cu else "-"
+        config = r["config"]
+        trains = config["mode"] + (f" {config['last_k']}" if config["mode"] == "last-k" else "")
+        split = "dev" if r.get("evaluated_on") == "dev" else "test"
         lines.append(
-            f"| {r['task']} ({r['merge']}; n = {a['n']}) | {a['accuracy']:.1f} ({a['gflops']:.2f} GFLOPs) "
+            f"| {r['task']} ({r['merge']}; trains {trains}, {config['epochs']} ep.; {split} n = {a['n']}) | {a['accuracy']:.1f} ({a['gflops']:.2f} GFLOPs) "
             f"| {b['accuracy']:.1f} ({b['gflops']:.2f}) | {c['accuracy']:.1f} ({c['gflops']:.2f}) "
             f"| {unmerged_c} | ")
         lines[-1] += (f"{_ci(r['drop_A_minus_B'])} | {_ci(r['gain_C_minus_B'])} | "

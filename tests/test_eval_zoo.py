@@ -63,6 +63,18 @@ def test_subset_indices_balanced():
         zoo.subset_indices(labels, 4)
 
 
+def test_subset_indices_exclude_gives_disjoint_balanced_subsets():
+    """Dev items held out of a training subset, or fresh test items beside ones an earlier run looked at."""
+    labels = np.repeat(np.arange(3), 10)
+    first = zoo.subset_indices(labels, 4, seed=0)
+    assert np.array_equal(zoo.subset_indices(labels, 4, seed=0, exclude=None), first)  # unchanged without exclude
+    second = zoo.subset_indices(labels, 5, seed=0, exclude=first)
+    assert len(np.intersect1d(first, second)) == 0
+    assert np.bincount(labels[second]).tolist() == [5, 5, 5]
+    with pytest.raises(ValueError, match="fewer"):
+        zoo.subset_indices(labels, 7, seed=0, exclude=first)
+
+
 def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 

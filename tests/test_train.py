@@ -168,3 +168,10 @@ def test_config_keys_and_values_are_checked(tmp_path):
         args = build_parser("train").parse_args(["train", "--config", str(path)])
         with pytest.raises(UserError, match=match):
             cli._apply_config(args)
+
+
+def test_offline_setup_refuses_an_unknown_evaluation_split_before_loading():
+    from pitome.train.offline import offline_setup
+
+    with pytest.raises(ValueError, match=r"evaluate_on must be one of \('test', 'dev'\), got 'val'"):
+        offline_setup("image", evaluate_on="val")
