@@ -287,6 +287,22 @@ def print_steps(result: dict, cells: list[Cell]) -> None:
                   f"{med / ref_pitome:.2f} | {counts.get(name, '')} |")
 
 
+def print_summary(result: dict) -> None:
+    """One line per cell: every variant's median (launches for fp32 cells) and the ratios the targets are about."""
+    times, launches = result["times"], result["launches"]
+    names = list(next(iter(times.values())))
+    ratios = [("tome", "ref ToMe"), ("pitome", "ref PiToMe"), ("pitome_bsm", "pitome")]
+    ratios = [(a, b) for a, b in ratios if a in names and b in names]
+    print("\n### Summary: median ms (launches)\n")
+    print("| cell | " + " | ".join(names) + "".join(f" | {a} / {b}" for a, b in ratios) + " |")
+    print("|---|" + "---|" * (len(names) + len(ratios)))
+    for label, row in times.items():
+        med = {name: statistics.median(values) for name, values in row.items()}
+        counts = launches.get(label, {})
+        cells = [f"{1e3 * med[n]:.2f}" + (f" ({counts[n]})" if n in counts else "") for n in names]
+        print(f"| {label} | " + " | ".join(cells) + "".join(f" | {med[a] / med[b]:.2f}" for a, b in ratios) + " |")
+
+
 def check_references(cells: list[Cell]) -> None:
     """How many output tokens of each library step equal its reference line's (fp32 cells), so the two lines
     are seen to do the same work."""
@@ -406,8 +422,10 @@ def main() -> None:
     parser.add_argument("--e2e", action="store_true", help="add the timm ViT-B/16 end-to-end comparison")
     parser.add_argument("--e2e-reps", type=int, default=7)
     parser.add_argument("--json", help="also write the raw timings here")
-    parser.add_argument("--before", help="src folder of an earlier checkout: its tome / pitome / pitome_bsm run "
+    parser.add_argument("--before", help="src folder of an earlier checkout: its --before-algorithms run "
                                          "interleaved as '<name> (before)' rows")
+    parser.add_argument("--before-algorithms", default="tome,pitome,pitome_bsm",
+                        help="comma-separated names run from --before (default: tome,pitome,pitome_bsm)")
     parser.add_argument("--check", action="store_true", help="print how far tome / pitome are from the references")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -423,8 +441,9 @@ def main() -> None:
     before = load_package(args.before, "pitome_before") if args.before else None
     if not args.no_steps:
         out["steps"] = run_steps(algorithms, cells, args.reps, not args.no_launches, before,
-                                 ("tome", "pitome", "pitome_bsm"))
+                                 tuple(args.before_algorithms.split(",")))
         print_steps(out["steps"], cells)
+        print_summary(out["steps"])
     if args.e2e:
         out["e2e"] = run_e2e(args.e2e_reps, batch=8, r=13)
         print_e2e(out["e2e"], batch=8, r=13)
