@@ -55,6 +55,7 @@ BAD = [
     ["train", "image-classification", "--data", "{dir}"], ["train", "offline-text", "--ratios", "2"],
     ["train", "offline-text", "--algorithms", "pitme"], ["train", "offline-text", "--mode", "everything"],
     ["train", "offline-text", "--algorithms", "pitome", "tome"], ["train", "offline-text", "--model", "tiny-vit"],
+    ["train", "offline-image", "--train-items", "1"], ["train", "offline-text", "--train-items", "20", "--batch-size", "32"],
     # the entry point
     ["benhc"], ["--verbose"], ["bench", "--algo", "tome"],
 ]
@@ -167,6 +168,19 @@ def test_train_and_calibrate_run_on_a_tiny_model_with_the_same_flags(tmp_path, c
     assert code == 0
     folder = _folder(tmp_path / "out")
     assert str(folder) in capsys.readouterr().out and any(folder.iterdir())
+
+
+def test_train_with_fewer_items_than_one_batch_is_a_one_line_error(tmp_path, capsys):
+    """Found after the data is read (a folder's size is not known before), before any training step or results folder."""
+    pytest.importorskip("timm")
+    pytest.importorskip("PIL")
+    images = str(_image_folder(tmp_path / "images"))
+    code = main(["train", "image-classification", "--model", "tiny-vit", "--model-kwargs", '{"depth": 2}', "--data",
+                 images, "--batch-size", "8", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "the training data gives 4 training items, fewer than one batch (--batch-size 8)" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def _image_folder(root: Path) -> Path:

@@ -205,6 +205,9 @@ def _validate(args: argparse.Namespace) -> tuple[str, Any, Any]:
     _check_sources(args, task)
     setting = _setting(args, text, recipe)
     config = _config(args, recipe)
+    if recipe and args.train_items is not None:  # offline subsets: the size is known before anything loads
+        _check_enough(args.train_items * (1 if text else 10), config.batch_size,
+                      f"--train-items {args.train_items}" + ("" if text else " (per class, x 10 classes)"))
     if args.resume:
         folder = Path(args.resume)
         if not (folder / "checkpoint.pt").is_file():
@@ -214,6 +217,13 @@ def _validate(args: argparse.Namespace) -> tuple[str, Any, Any]:
 
         ResultsFolder.check_parent(args.out)
     return task, setting, config
+
+
+def _check_enough(items: int, batch_size: int, what: str) -> None:
+    """At least one full batch: the loop drops a last partial batch, so fewer items would train nothing."""
+    if items < batch_size:
+        raise UserError(f"{what} gives {items} training items, fewer than one batch (--batch-size {batch_size}); "
+                        f"give more items or a smaller --batch-size")
 
 
 # --- the run -------------------------------------------------------------------------------------------
@@ -232,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
             model, data, describe = _load(args, task, ctx.device)
         except (ValueError, FileNotFoundError, ImportError) as exc:
             raise UserError(one_line(exc)) from None
+        _check_enough(len(data.train), config.batch_size, "the training data")
         return _train_and_evaluate(args, task, setting, config, model, data, describe, ctx)
     finally:
         ctx.close()
