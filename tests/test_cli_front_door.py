@@ -55,7 +55,7 @@ BAD = [
     ["train", "image-classification", "--data", "{dir}"], ["train", "offline-text", "--ratios", "2"],
     ["train", "offline-text", "--algorithms", "pitme"], ["train", "offline-text", "--mode", "everything"],
     ["train", "offline-text", "--algorithms", "pitome", "tome"], ["train", "offline-text", "--model", "tiny-vit"],
-    ["train", "offline-image", "--train-items", "1"], ["train", "offline-text", "--train-items", "20", "--batch-size", "32"],
+    ["train", "offline-image", "--train-items", "1"], ["train", "offline-text", "--compile", "nope"], ["train", "offline-text", "--train-items", "20", "--batch-size", "32"],
     # the entry point
     ["benhc"], ["--verbose"], ["bench", "--algo", "tome"],
 ]

@@ -175,3 +175,32 @@ def test_offline_setup_refuses_an_unknown_evaluation_split_before_loading():
 
     with pytest.raises(ValueError, match=r"evaluate_on must be one of \('test', 'dev'\), got 'val'"):
         offline_setup("image", evaluate_on="val")
+
+
+def _csv(path, rows):
+    path.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
+    return str(path)
+
+
+def test_text_labels_may_be_names_or_class_indices(tmp_path):
+    """Names map to classes in sorted order of the training labels; indices pass through; a validation label the
+    training data lacks, or a single class, is a clear error."""
+    from pitome.train.data import read_text_sets
+
+    train = _csv(tmp_path / "train.csv", [("a", "sport"), ("b", "business"), ("c", "tech"), ("d", "sport")])
+    val = _csv(tmp_path / "val.csv", [("e", "tech"), ("f", "business")])
+    sets, count, names = read_text_sets(train, val, "train", "validation", "text", "label")
+    assert names == ["business", "sport", "tech"] and count == 3
+    assert sets[0][1].tolist() == [1, 0, 2, 1] and sets[1][1].tolist() == [2, 0]
+
+    numeric = _csv(tmp_path / "numeric.csv", [("a", 0), ("b", 2), ("c", 1)])
+    sets, count, names = read_text_sets(numeric, numeric, "train", "validation", "text", "label")
+    assert names is None and count == 3 and sets[0][1].tolist() == [0, 2, 1]
+
+    unknown = _csv(tmp_path / "unknown.csv", [("e", "weather")])
+    with pytest.raises(ValueError, match=r"label 'weather' of example 0 is not a class of the training data "
+                                         r"\(classes: business, sport, tech\)"):
+        read_text_sets(train, unknown, "train", "validation", "text", "label")
+    single = _csv(tmp_path / "single.csv", [("a", "sport"), ("b", "sport")])
+    with pytest.raises(ValueError, match=r"the training labels hold one class \(sport\)"):
+        read_text_sets(single, single, "train", "validation", "text", "label")

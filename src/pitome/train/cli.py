@@ -269,8 +269,10 @@ def _load(args: argparse.Namespace, task: str, device: Any) -> tuple[Any, Any, d
     val = args.val_data or args.data
     if task == "image-classification":
         data, slot = image_data(args.data, val, args.split, args.val_split, args.image_column, args.label_column)
+        names = None  # class folders: the dataset's own order
     else:
-        sets, count = read_text_sets(args.data, val, args.split, args.val_split, args.text_column, args.label_column)
+        sets, count, names = read_text_sets(args.data, val, args.split, args.val_split, args.text_column,
+                                            args.label_column)
         data = None
     count = data.num_classes if data is not None else count
     spec = args.model
@@ -283,6 +285,9 @@ def _load(args: argparse.Namespace, task: str, device: Any) -> tuple[Any, Any, d
             raise UserError(f"{spec}: open_clip models have no classifier head; use a timm or Hugging Face model")
         else:
             kwargs.setdefault("num_labels", count)
+            if names:  # saved with the model: pitome eval maps names back
+                kwargs.setdefault("id2label", dict(enumerate(names)))
+                kwargs.setdefault("label2id", {name: i for i, name in enumerate(names)})
             if args.weights == "pretrained" and spec != "tiny-bert":
                 kwargs.setdefault("ignore_mismatched_sizes", True)
     loaded = load_model(spec, weights=args.weights, head="classifier", device="cpu", max_length=max_length,
@@ -302,6 +307,8 @@ def _load(args: argparse.Namespace, task: str, device: Any) -> tuple[Any, Any, d
         data = text_data(sets, count, loaded.tokenizer, max_length, args.eval_batch_size)
     describe = {"task": task, "model": loaded.describe(), "data": f"train {args.data} ({len(data.train)} items), "
                 f"evaluate {val} ({len(data.val)} items), {count} classes"}
+    if names:
+        describe["classes"] = names
     return model.to(device), data, describe
 
 

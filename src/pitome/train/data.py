@@ -66,21 +66,43 @@ def image_data(train: str, val: str, split: str, val_split: str, image_column: s
     return ClassificationData(train_set, val_set, _stack, image_classes(train_set, label_column), text=False), slot
 
 
-def read_text_sets(train: str, val: str, split: str, val_split: str, text_column: str,
-                   label_column: str) -> tuple[list[tuple[list[str], np.ndarray]], int]:
-    """[(texts, labels)] for train and validation, and the class count; labels must be 0..K-1."""
+def read_text_sets(train: str, val: str, split: str, val_split: str, text_column: str, label_column: str
+                   ) -> tuple[list[tuple[list[str], np.ndarray]], int, Optional[list[str]]]:
+    """[(texts, labels)] for train and validation, the class count, and the class names.
+
+    Labels are class indices 0..K-1 (integers or integer strings; names None), or names ('positive', 'sport', ...):
+    then class i is the i-th name of the training labels in sorted order, and a validation label must be one of them.
+    """
     from ..tasks.text_classification import load_text_data
 
+    loaded = [(source, load_text_data(source, which, text_column, label_column))
+              for source, which in ((train, split), (val, val_split))]
+    indices = all(_is_index(label) for _, examples in loaded for label in examples.labels)
+    names = None if indices else sorted({str(label) for label in loaded[0][1].labels})
+    lookup = {name: i for i, name in enumerate(names or [])}
     sets = []
-    for source, which in ((train, split), (val, val_split)):
-        examples = load_text_data(source, which, text_column, label_column)
+    for source, examples in loaded:
         labels = []
         for index, label in enumerate(examples.labels):
-            if isinstance(label, bool) or not (isinstance(label, int) or str(label).isdigit()):
-                raise ValueError(f"{source}: label {label!r} of example {index} is not a class index (0, 1, ...)")
-            labels.append(int(label))
+            if isinstance(label, bool):
+                raise ValueError(f"{source}: label {label!r} of example {index} is not a class")
+            if names is None:
+                labels.append(int(label))
+            elif str(label) in lookup:
+                labels.append(lookup[str(label)])
+            else:
+                raise ValueError(f"{source}: label {label!r} of example {index} is not a class of the training data "
+                                 f"(classes: {', '.join(names)})")
         sets.append((list(examples.texts), np.asarray(labels, dtype=np.int64)))
-    return sets, int(max(int(labels.max()) for _, labels in sets)) + 1
+    count = len(names) if names else int(max(int(labels.max()) for _, labels in sets if len(labels))) + 1
+    if count < 2:
+        raise ValueError(f"{train}: the training labels hold one class ({names[0] if names else 0}); "
+                         f"classification needs at least 2")
+    return sets, count, names
+
+
+def _is_index(label: Any) -> bool:
+    return not isinstance(label, bool) and (isinstance(label, (int, np.integer)) or str(label).isdigit())
 
 
 def text_data(sets: list[tuple[list[str], np.ndarray]], count: int, tokenizer: Any, max_length: int,

@@ -90,9 +90,11 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {self.amp!r}")
-        if self.compile is not None and not (isinstance(self.compile, str) and self.compile):
-            raise ValueError(f"compile must be a torch.compile backend name (e.g. 'inductor') or None, "
-                             f"got {self.compile!r}")
+        if self.compile is not None:
+            if not isinstance(self.compile, str) or self.compile not in torch.compiler.list_backends(exclude_tags=()):
+                common = sorted({*torch.compiler.list_backends(), "eager", "aot_eager"})
+                raise ValueError(f"compile must be None or a torch.compile backend (e.g. {', '.join(common)}; "
+                                 f"all: torch.compiler.list_backends(exclude_tags=())), got {self.compile!r}")
         if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
                 or self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
