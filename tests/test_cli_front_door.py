@@ -3,6 +3,7 @@ same model specs and merge flags, eval keeps finished rows when interrupted, hel
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -267,3 +268,13 @@ def test_help_does_not_import_torch():
     assert result.stderr.strip().splitlines()[-1] == "NO-TORCH", result.stderr
     for flag in ("--algorithms", "--ratios", "--model", "--out", "--weights", "--device"):
         assert result.stdout.count(flag) >= 4  # in every verb's help
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed here")
+@pytest.mark.parametrize("argv", [["train", "text-classification", "--model", "minilm", "--data", "hf:imdb"],
+                                  ["eval", "text-classification", "--model", "minilm", "--data", "hf:imdb"]])
+def test_hf_data_without_the_datasets_package_is_a_one_line_error_before_loading(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "hf:imdb needs the 'datasets' package (pip install datasets)" in err

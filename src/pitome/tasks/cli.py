@@ -21,6 +21,7 @@ from typing import Any, Callable
 from ..cli.errors import UserError, one_line
 from ..cli.flags import (Parser, read_config_file, add_merge_flags, add_model_flags, add_output_flags, add_runtime_flags, json_file,
                          json_object, non_negative_int, positive_int)
+from .base import check_hf_data
 from .vqa_data import BENCHMARKS, TEMPLATES
 
 TASKS = ("offline", "image-classification", "text-classification", "retrieval", "probe", "vqa")
@@ -170,6 +171,10 @@ def validate(options: dict) -> Any:
         value = options.get(key)
         if value and not str(value).startswith("hf:") and not Path(value).exists():
             raise UserError(f"--{key.replace('_', '-')} {value}: no such file or folder")
+        try:
+            check_hf_data(str(value) if value else None)
+        except ValueError as exc:
+            raise UserError(f"--{key.replace('_', '-')} {exc}") from None
     if options.get("budgets") is not None:
         json_file(str(options["budgets"]))
     ResultsFolder.check_parent(options["out"])

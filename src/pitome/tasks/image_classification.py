@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .base import Task, dataloader_factory, fixed_batches
+from .base import Task, dataloader_factory, fixed_batches, import_datasets
 from .engine import EvalModel, PassResult
 from .metrics import topk_accuracy
 
@@ -36,8 +36,7 @@ def load_image_dataset(data: str, transform: Callable, split: str = "validation"
                        label_column: str = "label") -> Any:
     """An ImageNet-style folder (``torchvision.datasets.ImageFolder``) or ``hf:<dataset>[:<config>]``."""
     if data.startswith("hf:"):
-        import datasets
-
+        datasets = import_datasets()
         name, _, config = data[3:].partition(":")
         loaded = datasets.load_dataset(name, config or None, split=split)
         for column in (image_column, label_column):

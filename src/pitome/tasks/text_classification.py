@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import ArrayDataset, Task, dataloader_factory, fixed_batches, iter_json_lines
+from .base import ArrayDataset, Task, dataloader_factory, fixed_batches, import_datasets, iter_json_lines
 from .engine import EvalModel, PassResult
 from .metrics import accuracy
 
@@ -98,8 +98,7 @@ def load_text_data(data: str, split: str = "validation", text_column: str = "tex
     """A file (see ``read_text_file``) or ``hf:<dataset>[:<config>]`` (e.g. ``hf:glue:sst2``, ``hf:imdb``)."""
     if not data.startswith("hf:"):
         return read_text_file(data, text_column, label_column, pair_column)
-    import datasets
-
+    datasets = import_datasets()
     name, _, config = data[3:].partition(":")
     loaded = datasets.load_dataset(name, config or None, split=split)
     wanted = [text_column, label_column] + ([pair_column] if pair_column else [])

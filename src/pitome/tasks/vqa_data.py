@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .base import import_datasets
+
 __all__ = ["BENCHMARKS", "VQAItem", "HFImage", "load_vqa_items", "record_to_item", "question_prompt", "TEMPLATES",
            "render_prompt"]
 
@@ -292,10 +294,7 @@ class HFImage:
 
 def _hf_records(data: str, split: str, limit: Optional[int]) -> list[dict]:
     """Rows of ``hf:<name>[:<config>]`` without decoding images (their column becomes ``HFImage`` references)."""
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError("hf: datasets need the 'datasets' package (pip install datasets)") from None
+    datasets = import_datasets()
     name, _, config = data[3:].partition(":")
     dataset = datasets.load_dataset(name, config or None, split=split)
     if limit:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from ..cli.errors import UserError, one_line
 from ..cli.flags import (read_config_file, add_merge_flags, add_model_flags, add_output_flags, add_runtime_flags, apply_threads,
                          merge_choices, non_negative_int, positive_int, resolve_device)
+from ..tasks.base import check_hf_data
 
 __all__ = ["add_arguments", "run", "TASKS"]
 
@@ -194,6 +195,10 @@ def _check_sources(args: argparse.Namespace, task: str) -> None:
     for source in (args.data, args.val_data):
         if source and not source.startswith("hf:") and not Path(source).exists():
             raise UserError(f"no such file or folder: {source}")
+        try:
+            check_hf_data(source)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
 
 
 def _validate(args: argparse.Namespace) -> tuple[str, Any, Any]:
