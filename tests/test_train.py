@@ -204,3 +204,24 @@ def test_text_labels_may_be_names_or_class_indices(tmp_path):
     single = _csv(tmp_path / "single.csv", [("a", "sport"), ("b", "sport")])
     with pytest.raises(ValueError, match=r"the training labels hold one class \(sport\)"):
         read_text_sets(single, single, "train", "validation", "text", "label")
+
+
+def test_a_validation_image_folder_is_labelled_by_class_name(tmp_path):
+    """A validation folder with fewer classes keeps the training folder's numbering; an unknown class is an error."""
+    pytest.importorskip("torchvision")
+    Image = pytest.importorskip("PIL.Image")
+    import numpy as np
+
+    from pitome.train.data import image_data
+
+    def folder(name, classes):
+        for c in classes:
+            (tmp_path / name / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / name / c / "0.png")
+        return str(tmp_path / name)
+
+    train = folder("train", ["cat", "dog", "eel"])
+    data, _ = image_data(train, folder("val", ["dog", "eel"]), "train", "validation", "image", "label")
+    assert [t for _, t in data.val.samples] == [1, 2] and data.val.targets == [1, 2] and data.num_classes == 3
+    with pytest.raises(ValueError, match=r"class folder\(s\) zebra are not among the training classes \(cat, dog, eel\)"):
+        image_data(train, folder("other", ["dog", "zebra"]), "train", "validation", "image", "label")

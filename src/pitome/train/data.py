@@ -63,7 +63,26 @@ def image_data(train: str, val: str, split: str, val_split: str, image_column: s
 
     train_set = load_image_dataset(train, transform, split, image_column, label_column)
     val_set = load_image_dataset(val, transform, val_split, image_column, label_column)
+    _align_folder_classes(train_set, val_set, val)
     return ClassificationData(train_set, val_set, _stack, image_classes(train_set, label_column), text=False), slot
+
+
+def _align_folder_classes(train_set: Any, val_set: Any, val: str) -> None:
+    """Validation folders label by class *name*: an image folder numbers its own sub-folders 0, 1, ..., so a
+    validation folder with other or fewer classes would silently mislabel. Its labels are mapped to the training
+    folder's classes; a class the training folder lacks is an error."""
+    train_classes, val_classes = getattr(train_set, "classes", None), getattr(val_set, "classes", None)
+    if train_classes is None or val_classes is None or list(val_classes) == list(train_classes):
+        return
+    unknown = [name for name in val_classes if name not in train_set.class_to_idx]
+    if unknown:
+        raise ValueError(f"{val}: class folder(s) {', '.join(unknown)} are not among the training classes "
+                         f"({', '.join(train_classes)})")
+    remap = [train_set.class_to_idx[name] for name in val_classes]
+    val_set.samples = [(path, remap[index]) for path, index in val_set.samples]
+    val_set.imgs = val_set.samples
+    val_set.targets = [target for _, target in val_set.samples]
+    val_set.classes, val_set.class_to_idx = list(train_classes), dict(train_set.class_to_idx)
 
 
 def read_text_sets(train: str, val: str, split: str, val_split: str, text_column: str, label_column: str
