@@ -8,8 +8,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from .engine import EvalModel, PassResult
 
-__all__ = ["Task", "dataloader_factory", "fixed_batches", "ArrayDataset", "iter_json_lines", "import_datasets",
-           "check_hf_data"]
+__all__ = ["Task", "dataloader_factory", "fixed_batches", "ArrayDataset", "iter_json_lines"]
 
 
 class Task:
@@ -93,23 +92,3 @@ def iter_json_lines(path: Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(record, dict):
                 raise ValueError(f"{path}, line {number}: each line must be a JSON object")
             yield number, record
-
-
-HF_DATASETS_MISSING = "needs the 'datasets' package (pip install datasets), which is not installed"
-
-
-def check_hf_data(spec: Optional[str]) -> None:
-    """Before anything loads: an ``hf:`` data spec needs the ``datasets`` package."""
-    import importlib.util
-
-    if spec and spec.startswith("hf:") and importlib.util.find_spec("datasets") is None:
-        raise ValueError(f"{spec} {HF_DATASETS_MISSING}")
-
-
-def import_datasets() -> Any:
-    """The ``datasets`` package for ``hf:`` data, or a clear error saying how to get it."""
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(f"hf: data {HF_DATASETS_MISSING}") from None
-    return datasets

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from ..cli.errors import UserError, one_line
 from ..cli.flags import (Parser, read_config_file, add_merge_flags, add_model_flags, add_output_flags, add_runtime_flags, json_file,
                          json_object, non_negative_int, positive_int)
-from .base import check_hf_data
+from .hf_data import check_hf_data
 from .vqa_data import BENCHMARKS, TEMPLATES
 
 TASKS = ("offline", "image-classification", "text-classification", "retrieval", "probe", "vqa")

@@ -10,7 +10,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .base import Task, dataloader_factory, fixed_batches, import_datasets
+from .base import Task, dataloader_factory, fixed_batches
+from .hf_data import import_datasets
 from .engine import EvalModel, PassResult
 from .metrics import topk_accuracy
 

@@ -12,7 +12,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import ArrayDataset, Task, dataloader_factory, fixed_batches, import_datasets, iter_json_lines
+from .base import ArrayDataset, Task, dataloader_factory, fixed_batches, iter_json_lines
+from .hf_data import import_datasets
 from .engine import EvalModel, PassResult
 from .metrics import accuracy
 

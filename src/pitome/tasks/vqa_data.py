@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .base import import_datasets
+from .hf_data import import_datasets
 
 __all__ = ["BENCHMARKS", "VQAItem", "HFImage", "load_vqa_items", "record_to_item", "question_prompt", "TEMPLATES",
            "render_prompt"]

@@ -19,7 +19,7 @@ from typing import Any, Optional
 from ..cli.errors import UserError, one_line
 from ..cli.flags import (read_config_file, add_merge_flags, add_model_flags, add_output_flags, add_runtime_flags, apply_threads,
                          merge_choices, non_negative_int, positive_int, resolve_device)
-from ..tasks.base import check_hf_data
+from ..tasks.hf_data import check_hf_data
 
 __all__ = ["add_arguments", "run", "TASKS"]
 
