@@ -260,7 +260,7 @@ def test_version(capsys):
 def test_help_does_not_import_torch():
     code = ("import sys\nfrom pitome.cli import main\n"
             "for argv in (['--help'], ['--version'], ['bench', '--help'], ['eval', '--help'], ['spectrum', '--help'], "
-            "['visualize', '--help']):\n"
+            "['visualize', '--help'], ['calibrate', '--help'], ['train', '--help']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  pitome train                                     # MiniLM-L6 + BBC News, pitome_text ratio 0.7 (offline)\n"
         "  pitome train offline-image --max-steps 20\n"
         "  pitome train image-classification --model timm:deit_small_patch16_224 --data /imagenet/train \\\n"
-        "      --val-data /imagenet/val --mode full --algorithms pitome --ratios 0.925 --epochs 30 --amp bf16\n"
+        "      --val-data /imagenet/val --mode full --algorithms pitome --ratios 0.9125 --epochs 30 --amp bf16\n"
         "  pitome train --resume pitome-results/20261130-090000-train-offline-text   # continue a killed run\n"
         "  torchrun --nproc_per_node 2 -m pitome.cli train offline-image\n")
     parser.add_argument("task", nargs="?", choices=TASKS, default=None, help="what to train (default offline-text)")
