@@ -7,8 +7,7 @@ The names load on first use (PEP 562), as in ``pitome`` itself: ``pitome train -
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 # public name -> the module of this package that defines it
 _EXPORTS = {
@@ -21,15 +20,4 @@ _EXPORTS = {
 __all__ = ["MODES", "classifier_head", "set_trainable", "trainable_blocks", "StepLog", "TrainConfig", "Trainer",
            "correct", "epoch_batches", "evaluate", "EncoderClassifier", "call_model", "logits_of", "patch_target"]
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pitome.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
