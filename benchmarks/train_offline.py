@@ -108,7 +108,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(RECIPES), required=True)
     parser.add_argument("--train", type=int, help="training items (image: per class); default: the recipe's")
-    parser.add_argument("--test", type=int, help="test items (image: per class; 0 = the whole split)")
+    parser.add_argument("--test", type=int, help="test (or dev) items (image: per class; 0 = the whole split); "
+                                                 "default: the recipe's")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
@@ -120,8 +121,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = RECIPES[args.task]
+    held_out = recipe["dev"] if args.evaluate_on == "dev" else recipe["test"]
     result = run(args.task, recipe["train"] if args.train is None else args.train,
-                 recipe["test"] if args.test is None else args.test,
+                 held_out if args.test is None else args.test,
                  args.epochs or recipe["config"].epochs, unmerged_eval_of_c=not args.skip_c_unmerged,
                  evaluate_on=args.evaluate_on, save_models=args.save_models, load_models=args.load_models)
     if args.json:

